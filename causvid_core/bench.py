@@ -1,0 +1,95 @@
+"""Benchmarks that print one JSON line each (`causvid bench ...`). Targets live here, not in tests."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+from .cache import KVCache
+from .config import DiTConfig, dit_preset
+from .model import WanDiT
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak_flops(n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of a large fp32 matmul on this machine, now: the denominator of MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    return 2 * n ** 3 / _best_time(lambda: a @ b, repeats)
+
+
+def chunk_forward_flops(cfg: DiTConfig, chunk_tokens: int, window_tokens: int, context_tokens: int) -> float:
+    """Matmul FLOPs of one KV-cached chunk forward (cross-attention K/V already cached)."""
+    n, D = chunk_tokens, cfg.dim
+    per_layer = (4 * 2 * n * D * D          # self-attention q, k, v, o
+                 + 2 * 2 * n * window_tokens * D  # QK^T and AV over the window
+                 + 2 * 2 * n * D * D        # cross-attention q, o
+                 + 2 * 2 * n * context_tokens * D  # cross-attention scores and values
+                 + 2 * 2 * n * D * cfg.ffn_dim)   # feed-forward
+    return cfg.num_layers * per_layer
+
+
+def random_model(cfg: DiTConfig, dtype: torch.dtype = torch.float32) -> WanDiT:
+    """A model of the preset's size with small random weights, built without a slow init."""
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+@torch.no_grad()
+def bench_model(preset: str, latent_hw: tuple[int, int] = (32, 32), frames: int = 21, chunk: int = 3,
+                repeats: int = 2) -> dict:
+    """KV-cached chunk forward against recomputing the whole sequence without a cache.
+
+    The cached chunk is the last one of a `frames`-frame stream: its queries attend to all `frames`
+    frames. The cache is filled with random K/V (its content does not change the cost).
+    """
+    cfg = dit_preset(preset)
+    H, W = latent_hw
+    T = cfg.tokens_per_frame(H, W)
+    model = random_model(cfg)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim)
+    cache = KVCache.full(cfg, batch=1, tokens_per_frame=T, frames=frames)
+    past = frames - chunk
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.global_end = cache.local_end = past  # as if `past` frames had been generated
+    x = torch.randn(1, cfg.in_dim, chunk, H, W)
+    t = torch.full((1, chunk), 757.0)
+
+    def cached() -> None:  # a re-denoising pass over the last chunk: overwrites its slots
+        model(x, t, context, cache=cache, start_frame=past)
+
+    cached()  # warm-up; also computes the cross-attention K/V once, as a stream does
+    peak = matmul_peak_flops()
+    t_chunk = _best_time(cached, repeats)
+    flops = chunk_forward_flops(cfg, chunk * T, frames * T, max(cfg.text_len, context.shape[1]))
+
+    x_all = torch.randn(1, cfg.in_dim, frames, H, W)
+    t_all = torch.full((1, frames), 757.0)
+    t_full = _best_time(lambda: model(x_all, t_all, context, chunk_frames=chunk), 1)
+    return {
+        "bench": "model", "preset": preset, "latent": f"{H}x{W}", "frames": frames, "chunk_frames": chunk,
+        "tokens_per_frame": T, "threads": torch.get_num_threads(),
+        "chunk_s": round(t_chunk, 4), "recompute_21f_s": round(t_full, 4),
+        "achieved_gflops": round(flops / t_chunk / 1e9, 1), "matmul_peak_gflops": round(peak / 1e9, 1),
+        "mfu": round(flops / t_chunk / peak, 3),
+        "cache_speedup_21f": round(t_full / t_chunk, 2),
+        "tokens_per_s": round(chunk * T / t_chunk, 1),
+        "kv_bytes": cache.nbytes,
+    }

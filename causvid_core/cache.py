@@ -1,0 +1,179 @@
+"""KV cache for chunk-by-chunk causal inference.
+
+One preallocated buffer per K and V holds every layer: [layers, B, H, capacity_tokens, d]. Bookkeeping
+is in whole latent frames and plain Python ints, updated once per forward call (`begin`), never per
+layer, so the hot path has no host sync.
+
+Semantics (Self-Forcing's rolling cache, shared/reference/causal-wan.md section 4):
+- `global_end`: absolute frames written so far; `local_end`: frames held in the buffer.
+- A call for frames [start, start+n) that ends past `global_end` appends; if it does not fit and the
+  cache is rolling, the oldest non-sink frames are evicted (the first `sink_frames` slots stay),
+  the rest shift left and the chunk is written at the end.
+- A call that ends at or before `global_end` (re-denoising a chunk, or the t = 0 refresh pass)
+  overwrites that chunk's slots in place. Like the reference, the call's end becomes the new end:
+  attention reads the buffer up to the end of the current chunk.
+- Keys are stored after RoPE. Time positions are absolute frame indices (exactly the reference)
+  while they fit Wan's 1024-position table. A rolling stream that outgrows it switches, once, to
+  window-relative positions: a frame's position becomes its slot in the buffer (sinks at 0..S-1, the
+  window right after them, as LongLive's endless mode does). The stored keys are rotated once by the
+  position change, and again by -evicted frames at each later eviction, so the buffer stays
+  consistent and positions stay below the capacity. Attention within the window then sees the sinks
+  adjacent to the window instead of an ever-growing distance: a deliberate change of behaviour
+  after 1024 frames (64 s at 16 fps), documented in the README. `rope="absolute"` refuses to pass
+  the table instead; `rope="window"` uses slot positions from the start.
+
+The cross-attention K/V (per layer, computed once per prompt) lives here too and is dropped by
+`reset_cross()` or automatically when a different context tensor is passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .config import ROPE_TABLE_POSITIONS, DiTConfig
+from .rope import Rope, shift_time
+
+ROPE_MODES = ("auto", "absolute", "window")
+
+
+@dataclass
+class ChunkSlots:
+    """Where the current call writes: buffer slots (frames) and the RoPE time position of its first frame."""
+    local_start: int
+    local_end: int
+    rope_start: int
+
+
+class KVCache:
+    def __init__(self, config: DiTConfig, *, batch: int, tokens_per_frame: int, capacity_frames: int,
+                 sink_frames: int = 0, rolling: bool = False, rope: str = "auto",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+        if capacity_frames < 1:
+            raise ValueError(f"capacity_frames must be >= 1, got {capacity_frames}")
+        if not 0 <= sink_frames < capacity_frames:
+            raise ValueError(f"sink_frames must be in [0, capacity_frames), got {sink_frames}")
+        if capacity_frames > ROPE_TABLE_POSITIONS:
+            raise ValueError(f"capacity_frames {capacity_frames} exceeds the {ROPE_TABLE_POSITIONS}-position "
+                             "RoPE table; use a rolling window")
+        self.config = config
+        self.batch = batch
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity_frames = capacity_frames
+        self.sink_frames = sink_frames
+        self.rolling = rolling
+        self.rope_mode = rope
+        H, d = config.num_heads, config.head_dim
+        shape = (config.num_layers, batch, H, capacity_frames * tokens_per_frame, d)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, B, H, T_cap, d]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._rope = Rope(d, device)
+        self.cross: list[Optional[tuple[Tensor, ...]]] = [None] * config.num_layers
+        self.cross_source: Any = None
+        self.reset()
+
+    # -- constructors ------------------------------------------------------------------------
+    @classmethod
+    def full(cls, config: DiTConfig, *, batch: int, tokens_per_frame: int, frames: int, **kw) -> "KVCache":
+        """A cache holding every frame of a stream of `frames` latent frames (CausVid)."""
+        return cls(config, batch=batch, tokens_per_frame=tokens_per_frame, capacity_frames=frames, **kw)
+
+    @classmethod
+    def window(cls, config: DiTConfig, *, batch: int, tokens_per_frame: int, window_frames: int,
+               sink_frames: int = 0, **kw) -> "KVCache":
+        """A rolling cache of `window_frames` frames whose first `sink_frames` are never evicted."""
+        return cls(config, batch=batch, tokens_per_frame=tokens_per_frame, capacity_frames=window_frames,
+                   sink_frames=sink_frames, rolling=True, **kw)
+
+    # -- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every frame and the prompt (buffers are kept, not zeroed)."""
+        self.global_end = 0
+        self.local_end = 0
+        self.window_positions = self.rope_mode == "window"
+        self._slots: Optional[ChunkSlots] = None
+        self.reset_cross()
+
+    def reset_cross(self) -> None:
+        """Drop the cross-attention K/V: call when the prompt changes."""
+        self.cross = [None] * self.config.num_layers
+        self.cross_source = None
+
+    @property
+    def frames(self) -> int:
+        """Frames currently held (and attended to by the next appended chunk)."""
+        return self.local_end
+
+    @property
+    def nbytes(self) -> int:
+        cross = sum(t.nbytes for layer in self.cross if layer is not None for t in layer)
+        return self.k.nbytes + self.v.nbytes + cross
+
+    # -- the per-call protocol used by the model ------------------------------------------------
+    def begin(self, start_frame: int, num_frames: int) -> ChunkSlots:
+        """Reserve slots for frames [start_frame, start_frame + num_frames); called once per forward."""
+        n, end = num_frames, start_frame + num_frames
+        if start_frame < 0 or n < 1:
+            raise ValueError(f"bad chunk: start_frame={start_frame}, frames={n}")
+        if start_frame > self.global_end:
+            raise ValueError(f"chunk starts at frame {start_frame} but the cache ends at frame "
+                             f"{self.global_end}: chunks must be written in order")
+        if not self.window_positions and end > ROPE_TABLE_POSITIONS:
+            if self.rope_mode == "absolute" or not self.rolling:
+                raise ValueError(f"frame {end - 1} is past the {ROPE_TABLE_POSITIONS}-position RoPE table; "
+                                 "use a rolling cache with rope='auto' or 'window'")
+            self._switch_to_window_positions()
+        new_frames = max(0, end - self.global_end)
+        local_end = self.local_end + end - self.global_end
+        if new_frames and self.local_end + n > self.capacity_frames:
+            if not self.rolling:
+                raise ValueError(f"KV cache full: it holds {self.capacity_frames} frames and frame {end - 1} "
+                                 "does not fit; make the cache larger or use a rolling window")
+            if n > self.capacity_frames - self.sink_frames:
+                raise ValueError(f"a {n}-frame chunk does not fit a window of {self.capacity_frames} frames "
+                                 f"with {self.sink_frames} sink frames")
+            evict = n + self.local_end - self.capacity_frames
+            self._evict(evict)
+            local_end -= evict
+        local_start = local_end - n
+        if local_start < 0 or (local_start < self.sink_frames and start_frame >= self.sink_frames):
+            raise ValueError(f"frames {start_frame}..{end - 1} were evicted from the window and cannot be rewritten")
+        rope_start = local_start if self.window_positions else start_frame
+        self.global_end, self.local_end = end, local_end
+        self._slots = ChunkSlots(local_start, local_end, rope_start)
+        return self._slots
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this chunk's k, v [B, H, n*T, d] for `layer`; return the attended window [B, H, L, d]."""
+        s = self._slots
+        T = self.tokens_per_frame
+        self.k[layer, :, :, s.local_start * T: s.local_end * T] = k
+        self.v[layer, :, :, s.local_start * T: s.local_end * T] = v
+        return self.k[layer, :, :, : s.local_end * T], self.v[layer, :, :, : s.local_end * T]
+
+    # -- internals ---------------------------------------------------------------------------
+    def _evict(self, evict: int) -> None:
+        """Drop `evict` oldest non-sink frames, shifting the rest left (all layers at once)."""
+        T, S = self.tokens_per_frame, self.sink_frames
+        rolled = self.local_end - evict - S
+        if rolled > 0:
+            src = slice((S + evict) * T, (S + evict + rolled) * T)
+            dst = slice(S * T, (S + rolled) * T)
+            k_src = self.k[:, :, :, src].clone()
+            if self.window_positions:  # slot positions: the rolled keys move `evict` frames earlier
+                k_src = shift_time(k_src, self._rope.time_shift(-evict))
+            self.k[:, :, :, dst] = k_src
+            self.v[:, :, :, dst] = self.v[:, :, :, src].clone()
+
+    def _switch_to_window_positions(self) -> None:
+        """Re-base the held non-sink keys from absolute positions to their slot positions (once)."""
+        T, S = self.tokens_per_frame, self.sink_frames
+        delta = self.local_end - self.global_end  # slot - absolute frame, the same for every non-sink slot
+        if delta and self.local_end > S:
+            region = slice(S * T, self.local_end * T)
+            self.k[:, :, :, region] = shift_time(self.k[:, :, :, region], self._rope.time_shift(delta))
+        self.window_positions = True

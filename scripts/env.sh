@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds (once) and activates the tested environment, then installs this checkout into it.
+#   source scripts/env.sh      -> sets CAUSVID_PY to the environment's python
+# The heavy dependencies live in a shared venv keyed by requirements-dev.txt's hash
+# (~/.cache/causvid-stream/base-<hash>); each checkout gets a light .venv that sees them through
+# a .pth file and holds only an editable install of this checkout. A fresh machine builds both.
+set -euo pipefail
+CAUSVID_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_req="$CAUSVID_ROOT/requirements-dev.txt"
+_hash="$(sha256sum "$_req" | cut -c1-12)"
+_base="${CAUSVID_CACHE_DIR:-$HOME/.cache/causvid-stream}/base-$_hash"
+_py="${PYTHON:-python3}"
+if [ ! -f "$_base/.complete" ]; then
+  echo "[env] building the dependency environment in $_base (first run only)" >&2
+  rm -rf "$_base"
+  "$_py" -m venv "$_base"
+  "$_base/bin/python" -m pip install -q --disable-pip-version-check -r "$_req"
+  touch "$_base/.complete"
+fi
+_venv="$CAUSVID_ROOT/.venv"
+if [ ! -x "$_venv/bin/python" ] || [ "$(cat "$_venv/.base" 2>/dev/null)" != "$_base" ]; then
+  rm -rf "$_venv"
+  "$_base/bin/python" -m venv "$_venv" 2>/dev/null || "$_py" -m venv "$_venv"
+  _site="$("$_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  _base_site="$("$_base/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$_base_site" > "$_site/_causvid_base.pth"
+  echo "$_base" > "$_venv/.base"
+fi
+# (run from / so the current directory cannot stand in for the install)
+if ! (cd / && [ -x "$_venv/bin/causvid" ] && "$_venv/bin/python" -c 'import causvid_core, trainer, sys; sys.exit(0 if causvid_core.__file__.startswith(sys.argv[1]) else 1)' "$CAUSVID_ROOT" 2>/dev/null); then
+  "$_venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$CAUSVID_ROOT" >&2
+fi
+export CAUSVID_PY="$_venv/bin/python"
+export PATH="$_venv/bin:$PATH"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command of the README (and of .ci/run): builds the environment if needed, runs the suite.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$CAUSVID_ROOT"
+exec "$CAUSVID_PY" -m pytest -q "$@"
