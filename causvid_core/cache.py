@@ -90,11 +90,12 @@ class KVCache:
                    sink_frames=sink_frames, rolling=True, **kw)
 
     # -- state -------------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget every frame and the prompt (buffers are kept, not zeroed)."""
-        self.global_end = 0
+    def reset(self, start_frame: int = 0) -> None:
+        """Forget every frame and the prompt (buffers are kept, not zeroed); the next chunk written
+        starts at absolute frame `start_frame` (recaching rebuilds a window from the middle of a stream)."""
+        self.global_end = start_frame
         self.local_end = 0
-        self.window_positions = self.rope_mode == "window"
+        self.window_positions = self.rope_mode == "window"  # "auto" switches again in begin() if needed
         self._slots: Optional[ChunkSlots] = None
         self.reset_cross()
 

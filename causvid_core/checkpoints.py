@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -79,15 +80,25 @@ def _read_pickle(path: Path) -> Any:
                 raise
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc)  # torch's wording varies between versions: find the paragraph that says why
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+        paras = [m.group(1)] if m else [q for q in re.split(r"\n\s*\n", text)
+                                         if re.search(r"GLOBAL|[Uu]nsupported|operand|blocked|truncat|EOF", q)]
+        reason = " ".join((paras[0] if paras else text.split("\n")[0]).split())[:300]
+        if re.search(r"[Uu]nsupported operand|truncat|EOF", reason):  # bytes that are no pickle at all
+            raise CheckpointError(f"{path}: not a checkpoint torch.load(weights_only=True) can read: truncated, "
+                                  f"corrupt, or not a PyTorch file ({reason})") from exc
         raise CheckpointError(
             f"{path}: refused: this pickle contains Python objects that would run code when loaded "
-            "(torch.load(weights_only=True) rejected it). Only plain tensor checkpoints are accepted; "
-            "convert the file to safetensors in an environment you trust.") from exc
-    except (EOFError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({exc}); download it again") from exc
+            f"(torch.load(weights_only=True) rejected it: {reason}). Only plain tensor checkpoints are "
+            "accepted; convert the file to safetensors in an environment you trust.") from exc
+    except (EOFError, IndexError, struct.error, zipfile.BadZipFile) as exc:  # truncated legacy pickles
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(exc) or 'unexpected end of file'}); "
+                              "download it again") from exc
     except RuntimeError as exc:
         msg = str(exc)
-        if "zip" in msg or "central directory" in msg or "file_size" in msg or "PytorchStreamReader" in msg:
+        if any(pat in msg for pat in ("zip", "central directory", "file_size", "PytorchStreamReader",
+                                  "unexpected EOF", "corrupted")):  # the last two: legacy (non-zip) files
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg.splitlines()[0]}); "
                                   "download it again") from exc
         raise

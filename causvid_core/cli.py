@@ -1,9 +1,10 @@
-"""`causvid`: parity, bench, info (generate and stream arrive with the sampler issue)."""
+"""`causvid`: generate, stream, parity, bench, info."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -61,9 +62,181 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps(text: str) -> dict:
+    """A step preset name or a comma list of timesteps -> StreamSettings fields."""
+    from .flow import STEP_PRESETS, step_preset
+
+    if text in STEP_PRESETS:
+        shift, steps = step_preset(text)
+        return {"steps": steps, "shift": shift}
+    try:
+        steps = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes a preset ({', '.join(STEP_PRESETS)}) or a list "
+                                         f"like 1000,750,500, got {text!r}") from None
+    return {"steps": steps}
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    out = dict(args.steps or {})
+    if args.shift is not None:
+        out["shift"] = args.shift
+    if args.window is not None:
+        out["window_frames"] = args.window
+        out["sink_frames"] = args.sinks
+    if args.switch_mode is not None:
+        out["switch_mode"] = args.switch_mode
+    return out
+
+
+def _prompts(args: argparse.Namespace):
+    from .schedule import PromptEvent, parse_schedule
+
+    if args.schedule:
+        return parse_schedule(Path(args.schedule).read_text())
+    if args.prompt is None:
+        raise ValueError("give --prompt TEXT, --schedule FILE or --prompts FILE")
+    return [PromptEvent(0, args.prompt)]
+
+
+def _request(args: argparse.Namespace, prompts) -> "GenerationRequest":
+    from .generate import GenerationRequest
+    from .video_io import read_image, read_video
+
+    image = read_image(args.image) if args.image else None
+    video = read_video(args.video) if args.video else None
+    height, width = args.height, args.width
+    if video is not None and height is None and width is None:
+        height, width = video.shape[1:3]  # video-to-video keeps the input's size by default
+    if image is not None and height is None and width is None:
+        height, width = image.shape[:2]
+    frames = args.frames if args.frames is not None else (len(video) if video is not None else 33)
+    return GenerationRequest(prompts=prompts, frames=frames, height=height or 64, width=width or 64,
+                             seed=args.seed, settings=_settings(args), image=image, video=video,
+                             strength=args.strength)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .checkpoints import CheckpointError
+    from .generate import generate_chunks, latent_frames
+    from .pipeline import load_components
+    from .schedule import PromptEvent, ScheduleError
+    from .video_io import Mp4Writer, to_uint8
+
+    try:
+        comps = load_components(args.model, args.vae, args.text_encoder)
+        if args.prompts:
+            lines = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
+            if not args.out_dir:
+                raise ValueError("--prompts needs --out-dir")
+            jobs = [([PromptEvent(0, p)], Path(args.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(lines)]
+        else:
+            if not args.out:
+                raise ValueError("give --out FILE.mp4")
+            jobs = [(_prompts(args), Path(args.out))]
+        for prompts, out in jobs:
+            req = _request(args, prompts)
+            latent_frames(req.frames)  # a bad count is an error before any file is opened
+            with Mp4Writer(out) as writer, tqdm(total=req.frames, unit="frame", desc=out.name,
+                                                disable=args.quiet) as bar:
+                for chunk in generate_chunks(comps, req, notice=lambda m: print(m, file=sys.stderr)):
+                    frames = to_uint8(chunk.frames)
+                    writer.write(frames)
+                    bar.update(len(frames))
+            print(f"wrote {out} ({writer.frames} frames, {req.width}x{req.height}, 16 fps)")
+    except (CheckpointError, ScheduleError, ValueError, FileNotFoundError) as exc:
+        print(f"causvid generate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    import time
+
+    from .checkpoints import CheckpointError
+    from .generate import GenerationRequest, latent_size
+    from .pipeline import load_components
+    from .schedule import ScheduleError, snap_schedule
+    from .stream import CausalStream, StreamSettings
+    from .video_io import to_uint8, write_mp4
+
+    try:
+        comps = load_components(args.model, args.vae, args.text_encoder)
+        prompts = _prompts(args)
+        fields = {**comps.stream_defaults, **_settings(args), "seed": args.seed}
+        fields.setdefault("window_frames", fields.get("window_frames") or 12)
+        fields.setdefault("sink_frames", 3)
+        settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+        stream = CausalStream(comps.model, settings, latent_hw=latent_size(comps, args.height or 64, args.width or 64),
+                              vae=comps.vae, text_encoder=comps.text_encoder)
+        layout_len = 1 + max(p.frame for p in prompts) // 4 + settings.chunk_frames
+        layout = [settings.chunk_size(i) for i in range(layout_len)]
+        by_chunk, notices = snap_schedule(prompts, layout)
+        for n in notices:
+            print(n, file=sys.stderr)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stream.set_prompt(by_chunk[0])
+        made, t0 = 0, time.perf_counter()
+        try:
+            while args.seconds is None or made < args.seconds * 16:
+                if stream.chunk_index in by_chunk and stream.chunk_index > 0:
+                    stream.set_prompt(by_chunk[stream.chunk_index])
+                chunk = stream.step()
+                frames = to_uint8(chunk.frames)
+                write_mp4(out / f"chunk_{chunk.index:05d}.mp4", frames)
+                made += len(frames)
+                print(f"chunk {chunk.index}: {len(frames)} frames in {chunk.seconds * 1000:.0f} ms "
+                      f"({len(frames) / chunk.seconds:.1f} fps), {made / 16:.1f} s of video, "
+                      f"wall {time.perf_counter() - t0:.1f} s", flush=True)
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    except (CheckpointError, ScheduleError, ValueError, FileNotFoundError) as exc:
+        print(f"causvid stream: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="the text prompt")
+    p.add_argument("--schedule", help="a prompt schedule file: lines 'FRAME: prompt'")
+    p.add_argument("--switch-mode", choices=("cut", "recache", "blend"), help="how prompts change (default cut)")
+    p.add_argument("--model", help="DiT checkpoint (default: the built-in model)")
+    p.add_argument("--vae", help="VAE checkpoint (default: the built-in VAE)")
+    p.add_argument("--text-encoder", help="text encoder (default: the built-in one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_steps, help="step preset (causvid-3step, causvid-4step, self-forcing-4step) "
+                                                 "or a list like 1000,750,500,250")
+    p.add_argument("--shift", type=float, help="flow shift for a custom step list")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--window", type=int, help="rolling KV window in latent frames (endless streams)")
+    p.add_argument("--sinks", type=int, default=0, help="sink frames kept at the start of the window")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="causvid", description="Streaming causal video generation (CausVid on Wan2.1).")
     sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="make a video (MP4, 16 fps)")
+    _add_generation_args(g)
+    g.add_argument("--out", help="output FILE.mp4")
+    g.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default 33, or the input video's)")
+    g.add_argument("--image", help="image-to-video: start from this PNG/JPEG")
+    g.add_argument("--video", help="video-to-video: restyle this video")
+    g.add_argument("--strength", type=float, default=0.7, help="video-to-video: 1 ignores the input, lower keeps more")
+    g.add_argument("--prompts", help="batch mode: a file with one prompt a line (needs --out-dir)")
+    g.add_argument("--out-dir", help="batch mode: writes 000.mp4, 001.mp4, ... in order")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    st = sub.add_parser("stream", help="stream without end: one MP4 segment per chunk, per-chunk latency printed")
+    _add_generation_args(st)
+    st.add_argument("--out-dir", required=True, help="folder for chunk_00000.mp4, chunk_00001.mp4, ...")
+    st.add_argument("--seconds", type=float, help="stop after this many seconds of video (default: until Ctrl-C)")
+    st.set_defaults(func=cmd_stream)
 
     q = sub.add_parser("parity", help="reproduce the reference implementations' outputs stored in a parity file")
     q.add_argument("file", help="NAME.json (NAME.safetensors must lie beside it)")

@@ -7,6 +7,7 @@ with fresh noise; the chunk is the last x0; then one t = 0 pass writes the clean
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,15 +37,25 @@ def seeded_noise(seed: int, *, device: torch.device | str = "cpu", dtype: torch.
 
 @torch.no_grad()
 def denoise_chunk(model, x: Tensor, context: Tensor, steps: Sequence[float], grid: FlowGrid, *,
-                  cache: KVCache, start_frame: int, chunk_index: int, noise_fn: NoiseFn, **model_kw) -> Tensor:
-    """Few-step denoising of one chunk x [B, C, f, H, W] (pure noise at steps[0]); returns its x0.
-    Leaves the chunk's slots holding the last pass; the caller runs the t = 0 refresh."""
+                  cache: KVCache, start_frame: int, chunk_index: int, noise_fn: NoiseFn,
+                  fixed: Optional[Tensor] = None, **model_kw) -> Tensor:
+    """Few-step denoising of one chunk x [B, C, f, H, W] (noise at steps[0]); returns its x0.
+
+    fixed [B, C, k, H, W]: the chunk's first k frames are known clean latents (image-to-video with a
+    chunk-multiple layout): they enter every pass at t = 0 and are kept in x0. The chunk's cache slots
+    hold the last pass; the caller runs the t = 0 refresh."""
     B, f = x.shape[0], x.shape[2]
+    k = 0 if fixed is None else fixed.shape[2]
     x0 = x
     for i, t in enumerate(steps):
+        if k:
+            x = torch.cat([fixed.to(x), x[:, :, k:]], dim=2)
         tt = torch.full((B, f), float(t), dtype=torch.float32, device=x.device)
+        tt[:, :k] = 0.0
         flow = model(x, tt, context, cache=cache, start_frame=start_frame, **model_kw)
-        x0 = grid.flow_to_x0(flow, x, tt[:, 0])
+        x0 = grid.flow_to_x0(flow, x, torch.full((B,), float(t)))
+        if k:
+            x0 = torch.cat([fixed.to(x0), x0[:, :, k:]], dim=2)
         if i + 1 < len(steps):
             x = grid.add_noise(x0, noise_fn(chunk_index, i, tuple(x.shape)).to(x.dtype),
                                torch.full((B,), float(steps[i + 1])))
@@ -70,6 +81,112 @@ def causal_rollout(model, noise: Tensor, context: Tensor, steps: Sequence[float]
         x0 = denoise_chunk(model, noise[:, :, s:s + n], context, steps, grid, cache=cache,
                            start_frame=start_frame + s, chunk_index=c, noise_fn=noise_fn, **model_kw)
         refresh_cache(model, x0, context, cache=cache, start_frame=start_frame + s, **model_kw)
+        out.append(x0)
+        s += n
+    return torch.cat(out, dim=2)
+
+
+# -- many-step samplers with classifier-free guidance (the teacher side) ------------------------------
+
+def flow_sigmas(num_steps: int, shift: float) -> Tensor:
+    """[num_steps + 1] float64 sigmas from 1 to 0 on the shifted schedule (Wan's sampling grid)."""
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def guided_flow(model, x: Tensor, t: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance: float,
+                caches: tuple = (None, None), **kw) -> Tensor:
+    """uncond + g * (cond - uncond); a single pass when g == 1 or there is no uncond."""
+    c_cache, u_cache = caches
+    extra = {"cache": c_cache, **kw} if c_cache is not None else kw
+    v_cond = model(x, t, cond, **extra)
+    if uncond is None or guidance == 1.0:
+        return v_cond
+    extra = {"cache": u_cache, **kw} if u_cache is not None else kw
+    v_uncond = model(x, t, uncond, **extra)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def _t_like(sigma: Tensor, B: int, frames: Optional[int], device) -> Tensor:
+    t = torch.full((B,), float(sigma) * 1000.0, device=device)
+    return t if frames is None else t.unsqueeze(1).expand(B, frames)
+
+
+@torch.no_grad()
+def sample_flow(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sigmas: Tensor,
+                solver: str = "euler", keep: Sequence[int] = (), per_frame: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+    """Integrate the flow ODE from noise (sigmas[0] = 1) to sigmas[-1] = 0.
+
+    velocity(x, t) returns the (guided) flow at raw timesteps t [B] (or [B, F] when per_frame).
+    solver: "euler" or "dpmpp2m" (DPM-Solver++(2M) in data prediction, alpha = 1 - sigma).
+    keep: indices of the trajectory to return (0 = the noise, len(sigmas) - 1 = the result)."""
+    if solver not in ("euler", "dpmpp2m"):
+        raise ValueError(f"solver must be 'euler' or 'dpmpp2m', got {solver!r}")
+    B = noise.shape[0]
+    frames = noise.shape[2] if per_frame else None
+    x = noise.double()
+    kept = {0: noise.clone()} if 0 in keep else {}
+    prev_x0, prev_h = None, None
+    n = len(sigmas) - 1
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = velocity(x.to(noise.dtype), _t_like(s, B, frames, noise.device)).double()
+        x0 = x - s * v
+        if s_next == 0.0:
+            x = x0
+        elif solver == "euler" or s >= 1.0:  # at sigma = 1, lambda = -inf: DPM++ starts with an Euler step
+            x = x + (s_next - s) * v
+        else:
+            lam, lam_next = math.log((1 - s) / s), math.log((1 - s_next) / s_next)
+            h = lam_next - lam
+            d = x0
+            if prev_x0 is not None and prev_h is not None:
+                r = prev_h / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * d
+            prev_h = h
+        prev_x0 = x0
+        if i + 1 in keep or i + 1 - (n + 1) in keep:
+            kept[i + 1] = x.to(noise.dtype)
+    return x.to(noise.dtype), kept
+
+
+@torch.no_grad()
+def sample_bidirectional(model, noise: Tensor, cond: Tensor, uncond: Optional[Tensor] = None, *,
+                         steps: int = 50, shift: float = 8.0, guidance: float = 5.0, solver: str = "euler",
+                         keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+    """The teacher: many steps over the whole clip at once, with classifier-free guidance."""
+    sigmas = flow_sigmas(steps, shift)
+    return sample_flow(lambda x, t: guided_flow(model, x, t, cond, uncond, guidance), noise, sigmas, solver, keep)
+
+
+@torch.no_grad()
+def sample_causal_teacher(model, noise: Tensor, cond: Tensor, uncond: Optional[Tensor] = None, *,
+                          chunk_frames: int | Sequence[int] = 3, steps: int = 50, shift: float = 8.0,
+                          guidance: float = 5.0, solver: str = "euler", window_frames: Optional[int] = None,
+                          sink_frames: int = 0) -> Tensor:
+    """A causal model sampled chunk by chunk with many steps and guidance (the causal-teacher ablation).
+    One KV cache per conditioning; each finished chunk is written to both at t = 0."""
+    B, F = noise.shape[0], noise.shape[2]
+    T = model.config.tokens_per_frame(*noise.shape[-2:])
+    dtype = next(model.parameters()).dtype
+
+    def make_cache() -> KVCache:
+        if window_frames:
+            return KVCache.window(model.config, batch=B, tokens_per_frame=T, window_frames=window_frames,
+                                  sink_frames=sink_frames, dtype=dtype, device=noise.device)
+        return KVCache.full(model.config, batch=B, tokens_per_frame=T, frames=F, dtype=dtype, device=noise.device)
+
+    caches = (make_cache(), make_cache() if uncond is not None and guidance != 1.0 else None)
+    sigmas = flow_sigmas(steps, shift)
+    out, s = [], 0
+    for n in chunk_sizes(F, chunk_frames):
+        def velocity(x: Tensor, t: Tensor, s=s) -> Tensor:
+            return guided_flow(model, x, t, cond, uncond, guidance, caches=caches, start_frame=s)
+        x0, _ = sample_flow(velocity, noise[:, :, s:s + n], sigmas, solver, per_frame=True)
+        for cache, ctx in zip(caches, (cond, uncond)):
+            if cache is not None:
+                refresh_cache(model, x0, ctx, cache=cache, start_frame=s)
         out.append(x0)
         s += n
     return torch.cat(out, dim=2)

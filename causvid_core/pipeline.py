@@ -1,0 +1,80 @@
+"""The three parts a generation needs (DiT, VAE, text encoder), loaded from files or the built-in model."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoints import CheckpointError, load_dit, read_checkpoint
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+BUILTIN_FILES = {"model": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text.safetensors"}
+META_STREAM = "causvid.stream"  # the stream settings a checkpoint was trained for (JSON)
+
+
+@dataclass
+class Components:
+    model: Any
+    vae: Any
+    text_encoder: Any
+    stream_defaults: dict = field(default_factory=dict)  # StreamSettings fields the model was trained with
+    model_path: str = ""
+
+
+def builtin_path(part: str) -> Path:
+    return BUILTIN_DIR / BUILTIN_FILES[part]
+
+
+def builtin_available() -> bool:
+    return all(builtin_path(p).exists() for p in BUILTIN_FILES)
+
+
+def _resolve(path: Optional[str | os.PathLike], part: str) -> Path:
+    if path is not None:
+        return Path(path)
+    p = builtin_path(part)
+    if not p.exists():
+        raise CheckpointError(f"the built-in {part.replace('_', ' ')} ({p.name}) is not in this install; "
+                              f"pass a file with --{part.replace('_', '-')}")
+    return p
+
+
+def stream_defaults_of(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return {}
+    meta = read_checkpoint_metadata(p)
+    return json.loads(meta[META_STREAM]) if META_STREAM in meta else {}
+
+
+def read_checkpoint_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+
+
+def load_components(model: Optional[str | os.PathLike] = None, vae: Optional[str | os.PathLike] = None,
+                    text_encoder: Optional[str | os.PathLike] = None, *, device: torch.device | str = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> Components:
+    from .text import load_text_encoder
+    from .vae import load_vae
+
+    model_path = _resolve(model, "model")
+    dit = load_dit(model_path, dtype=dtype, device=device)
+    vae_model = load_vae(_resolve(vae, "vae"), device=device)
+    text = load_text_encoder(_resolve(text_encoder, "text_encoder"), device=device)
+    if text.text_dim != dit.config.text_dim:
+        raise CheckpointError(f"the text encoder gives {text.text_dim}-dim embeddings, the model expects "
+                              f"text_dim={dit.config.text_dim}: they do not belong together")
+    if vae_model.config.z_dim != dit.config.out_dim:
+        raise CheckpointError(f"the VAE has {vae_model.config.z_dim} latent channels, the model "
+                              f"{dit.config.out_dim}: they do not belong together")
+    return Components(dit, vae_model, text, stream_defaults_of(model_path), str(model_path))

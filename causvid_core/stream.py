@@ -1,0 +1,311 @@
+"""Streaming generation: each chunk comes out the moment it is ready.
+
+`CausalStream` holds one stream's state: the model's KV cache, the position, the current prompt,
+the clean latents the cache was built from (for recaching), and a streaming VAE decoder. Each
+`step()` makes one chunk with the few-step causal sampler (sampler.py) and returns it, decoded.
+Everything random comes from (seed, chunk index, step), so a stream made in one call equals the same
+stream made a chunk at a time.
+
+Prompt changes happen at chunk boundaries, in one of three modes:
+- cut:     the new prompt's cross-attention K/V replace the old; the self-attention cache is kept.
+- recache: as LongLive: the cache is rebuilt from the last clean frames it held (at most the cache's
+           capacity, `recache_frames` if set), run at t = 0 under the new prompt, then generation goes on.
+- blend:   the conditioning moves linearly from the old to the new prompt over `blend_chunks` chunks.
+
+Image-to-video: the image is encoded to one latent frame. With an independent first frame (chunk
+layout [1, 3, 3, ...]) that latent is the first chunk, written to the cache at t = 0. With chunk-multiple
+layouts ([3, 3, ...]) it is frame 0 of the first chunk, held clean at t = 0 while the chunk's other
+frames are denoised. Video extension writes a given clip's latents to the cache at t = 0, chunk by chunk.
+Video-to-video: each input chunk is encoded by the streaming encoder, noised to t = strength * 1000
+and denoised by the steps below that.
+
+Shapes: B batch, C latent channels, f frames in a chunk, h x w latent grid, 3 x n x H x W pixels.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .flow import FlowGrid, step_preset
+from .sampler import denoise_chunk, seeded_noise
+from .schedule import SWITCH_MODES, latent_to_pixel
+
+INIT_NOISE_STEP = -1  # the step index under which a chunk's starting noise is drawn
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    steps: tuple[float, ...] = tuple(step_preset("self-forcing-4step")[1])
+    shift: float = step_preset("self-forcing-4step")[0]
+    chunk_frames: int = 3  # latent frames per chunk
+    independent_first_frame: bool = False  # layout [1, f, f, ...] instead of [f, f, ...]
+    window_frames: Optional[int] = None  # rolling KV window (latent frames); None: hold every frame
+    sink_frames: int = 0  # first frames never evicted from the window
+    max_frames: Optional[int] = None  # latent frames of the whole stream (sizes a full cache)
+    seed: int = 0
+    switch_mode: str = "cut"
+    blend_chunks: int = 2
+    recache_frames: Optional[int] = None  # frames re-encoded by `recache`; default: all the cache holds
+    rope: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.switch_mode not in SWITCH_MODES:
+            raise ValueError(f"switch_mode must be one of {SWITCH_MODES}, got {self.switch_mode!r}")
+        if self.window_frames is None and self.max_frames is None:
+            raise ValueError("give max_frames (the stream's length in latent frames) or window_frames "
+                             "(a rolling window for endless streams)")
+        if not self.steps or list(self.steps) != sorted(self.steps, reverse=True):
+            raise ValueError(f"steps must be a non-empty decreasing list of timesteps, got {list(self.steps)}")
+
+    @classmethod
+    def from_preset(cls, name: str, **kw) -> "StreamSettings":
+        shift, steps = step_preset(name)
+        return cls(steps=tuple(steps), shift=shift, **kw)
+
+    def chunk_size(self, chunk_index: int) -> int:
+        return 1 if self.independent_first_frame and chunk_index == 0 else self.chunk_frames
+
+
+@dataclass
+class Chunk:
+    index: int  # generated-chunk number (context chunks keep the number of the next generated one)
+    start_frame: int  # first latent frame
+    latents: Tensor  # [B, C, f, h, w]
+    frames: Optional[Tensor]  # decoded pixels [B, 3, n, H, W] in [-1, 1], when the stream has a VAE
+    prompt: Optional[str]
+    is_context: bool = False  # given (image, clip) rather than generated
+    seconds: float = 0.0  # wall time to make (and decode) it
+
+    @property
+    def first_pixel_frame(self) -> int:
+        return latent_to_pixel(self.start_frame)
+
+
+class CausalStream:
+    def __init__(self, model, settings: StreamSettings, *, latent_hw: tuple[int, int], batch: int = 1,
+                 vae=None, text_encoder=None, device: torch.device | str = "cpu"):
+        self.model, self.settings = model, settings
+        self.vae, self.text_encoder = vae, text_encoder
+        self.device = torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        cfg = model.config
+        self.batch, self.latent_hw = batch, tuple(latent_hw)
+        self.channels = cfg.out_dim
+        T = cfg.tokens_per_frame(*latent_hw)
+        kw = dict(batch=batch, tokens_per_frame=T, rope=settings.rope, dtype=self.dtype, device=self.device)
+        if settings.window_frames is not None:
+            self.cache = KVCache.window(cfg, window_frames=settings.window_frames,
+                                        sink_frames=settings.sink_frames, **kw)
+        else:
+            self.cache = KVCache.full(cfg, frames=settings.max_frames, **kw)
+        self.grid = FlowGrid(settings.shift)
+        self.noise = seeded_noise(settings.seed, device=self.device, dtype=self.dtype)
+        self.decoder = None
+        if vae is not None:
+            from .vae import StreamingDecoder
+            self.decoder = StreamingDecoder(vae)
+        self.frame = 0  # next latent frame
+        self.chunk_index = 0  # next generated chunk
+        self.prompt: Optional[str] = None
+        self.context: Optional[Tensor] = None  # [B, L, text_dim]
+        self._blend: Optional[tuple[Tensor, Tensor, int]] = None  # (from, to, chunks done)
+        self.history: deque[Tensor] = deque()  # clean latent chunks the cache holds, oldest first
+        self._image_latent: Optional[Tensor] = None  # i2v with a chunk-multiple layout: frame 0 to hold
+
+    # -- conditioning --------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Tensor) -> Tensor:
+        if isinstance(prompt, Tensor):
+            ctx = prompt
+        else:
+            if self.text_encoder is None:
+                raise ValueError("this stream has no text encoder: pass the conditioning tensor instead of text")
+            with torch.no_grad():
+                ctx = self.text_encoder.encode([prompt] * self.batch)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0)
+        if ctx.shape[0] == 1 and self.batch > 1:
+            ctx = ctx.expand(self.batch, -1, -1)
+        return ctx.to(self.device)
+
+    def set_prompt(self, prompt: str | Tensor, mode: Optional[str] = None) -> None:
+        """Change the prompt from the next chunk on (mode: cut / recache / blend; default the settings')."""
+        mode = mode or self.settings.switch_mode
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"mode must be one of {SWITCH_MODES}, got {mode!r}")
+        new = self.encode_prompt(prompt)
+        self.prompt = prompt if isinstance(prompt, str) else "<conditioning>"
+        old, self.context, self._blend = self.context, new, None
+        if old is None:
+            return
+        if mode == "blend" and self.settings.blend_chunks > 1:
+            self._blend = (_pad_rows(old, new), _pad_rows(new, old), 0)
+        elif mode == "recache":
+            self.recache()
+        # cut: the new context tensor makes the model rebuild the cross-attention K/V on the next call
+
+    def _chunk_context(self) -> Tensor:
+        if self._blend is None:
+            return self.context
+        old, new, done = self._blend
+        n = self.settings.blend_chunks
+        a = (done + 1) / n
+        ctx = torch.lerp(old, new, a)
+        self._blend = None if done + 1 >= n else (old, new, done + 1)
+        return ctx
+
+    @torch.no_grad()
+    def recache(self) -> None:
+        """Rebuild the cache from the held clean frames under the current prompt, at t = 0 (LongLive)."""
+        limit = self.settings.recache_frames or self.cache.capacity_frames
+        while self.history and sum(c.shape[2] for c in self.history) > limit:
+            self.history.popleft()
+        held = sum(c.shape[2] for c in self.history)
+        self.cache.reset(start_frame=self.frame - held)
+        s = self.frame - held
+        for chunk in self.history:
+            self._write_clean(chunk, s, self.context)
+            s += chunk.shape[2]
+
+    # -- writing context ------------------------------------------------------------------------------
+    def _write_clean(self, latents: Tensor, start: int, context: Tensor) -> None:
+        B, f = latents.shape[0], latents.shape[2]
+        self.model(latents, torch.zeros(B, f, device=self.device), context, cache=self.cache, start_frame=start)
+
+    def _remember(self, latents: Tensor) -> None:
+        self.history.append(latents)
+        while sum(c.shape[2] for c in self.history) > self.cache.capacity_frames:
+            self.history.popleft()
+
+    def _decode(self, latents: Tensor) -> Optional[Tensor]:
+        return self.decoder.decode(latents.float()) if self.decoder is not None else None
+
+    @torch.no_grad()
+    def add_context(self, latents: Tensor) -> Chunk:
+        """Write given clean latents [B, C, f, h, w] (an encoded image or clip) at the current position."""
+        self._require_prompt()
+        t0 = time.perf_counter()
+        latents = latents.to(self.device, self.dtype)
+        s = 0
+        for n in self._layout_for(latents.shape[2]):
+            self._write_clean(latents[:, :, s:s + n], self.frame + s, self.context)
+            self._remember(latents[:, :, s:s + n])
+            s += n
+        chunk = Chunk(self.chunk_index, self.frame, latents, self._decode(latents), self.prompt, is_context=True)
+        self.frame += latents.shape[2]
+        chunk.seconds = time.perf_counter() - t0
+        return chunk
+
+    def _layout_for(self, frames: int) -> list[int]:
+        """Chunk sizes for `frames` context frames written from the current position on."""
+        sizes, pos = [], self.frame
+        while frames > 0:
+            n = min(self.settings.chunk_size(0) if pos == 0 else self.settings.chunk_frames, frames)
+            sizes.append(n)
+            pos, frames = pos + n, frames - n
+        return sizes
+
+    @torch.no_grad()
+    def start_from_image(self, image: Tensor) -> Optional[Chunk]:
+        """Image-to-video. image [B, 3, H, W] in [-1, 1] (or an encoded latent [B, C, 1, h, w])."""
+        if self.frame != 0:
+            raise ValueError("start_from_image must come before the first chunk")
+        latent = self._encode_image(image)
+        if self.settings.independent_first_frame:
+            chunk = self.add_context(latent)
+            self.chunk_index = 1  # the image is chunk 0 of the [1, f, f, ...] layout
+            return chunk
+        self._image_latent = latent  # held clean as frame 0 of the first chunk
+        return None
+
+    def _encode_image(self, image: Tensor) -> Tensor:
+        if image.dim() == 5:
+            return image.to(self.device, self.dtype)
+        if self.vae is None:
+            raise ValueError("image-to-video needs a VAE (or pass the encoded latent [B, C, 1, h, w])")
+        from .vae import StreamingEncoder
+        with torch.no_grad():
+            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2).float())
+        if latent.shape[-2:] != self.latent_hw:
+            raise ValueError(f"the image encodes to a {tuple(latent.shape[-2:])} latent; the stream is {self.latent_hw}")
+        return latent.to(self.device, self.dtype)
+
+    # -- generating -----------------------------------------------------------------------------------
+    def _require_prompt(self) -> None:
+        if self.context is None:
+            raise ValueError("set a prompt first (set_prompt)")
+
+    def initial_noise(self, chunk_index: int, frames: int) -> Tensor:
+        h, w = self.latent_hw
+        return self.noise(chunk_index, INIT_NOISE_STEP, (self.batch, self.channels, frames, h, w))
+
+    @torch.no_grad()
+    def step(self, v2v_latents: Optional[Tensor] = None, strength: float = 1.0) -> Chunk:
+        """Make the next chunk. v2v_latents [B, C, f, h, w]: restyle these latents at `strength` instead."""
+        self._require_prompt()
+        t0 = time.perf_counter()
+        ci, s = self.chunk_index, self.frame
+        f = self.settings.chunk_size(ci) if v2v_latents is None else v2v_latents.shape[2]
+        if self.settings.max_frames is not None and self.settings.window_frames is None:
+            f = min(f, self.settings.max_frames - s)
+            if f <= 0:
+                raise ValueError(f"the stream is complete: all {self.settings.max_frames} latent frames are made")
+        ctx = self._chunk_context()
+        x = self.initial_noise(ci, f)
+        steps = list(self.settings.steps)
+        if v2v_latents is not None:
+            steps = restyle_steps(steps, strength)
+            x = self.grid.add_noise(v2v_latents.to(x), x, torch.tensor([steps[0]]))
+        fixed = self._image_latent if s == 0 else None
+        x0 = denoise_chunk(self.model, x, ctx, steps, self.grid, cache=self.cache, start_frame=s,
+                           chunk_index=ci, noise_fn=self.noise, fixed=fixed)
+        self._write_clean(x0, s, ctx)  # the t = 0 refresh: the cache holds the clean chunk
+        self._remember(x0)
+        self._image_latent = None if s == 0 else self._image_latent
+        frames = self._decode(x0)
+        self.frame, self.chunk_index = s + f, ci + 1
+        return Chunk(ci, s, x0, frames, self.prompt, seconds=time.perf_counter() - t0)
+
+    def chunks(self, count: Optional[int] = None) -> Iterator[Chunk]:
+        """Yield `count` chunks (None: until max_frames, or forever with a rolling window)."""
+        made = 0
+        while count is None or made < count:
+            if self.settings.window_frames is None and self.frame >= self.settings.max_frames:
+                return
+            yield self.step()
+            made += 1
+
+
+def restyle_steps(steps: Sequence[float], strength: float) -> list[float]:
+    """Video-to-video: start at t = strength * 1000 and keep the preset's steps below it."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    t0 = 1000.0 * strength
+    return [t0] + [float(t) for t in steps if t < t0]
+
+
+def _pad_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Zero-pad a's rows to b's length (conditionings of different lengths, for blending)."""
+    if a.shape[1] >= b.shape[1]:
+        return a
+    return torch.cat([a, a.new_zeros(a.shape[0], b.shape[1] - a.shape[1], a.shape[2])], dim=1)
+
+
+def run_schedule(stream: CausalStream, prompts: dict[int, str | Tensor], count: Optional[int] = None,
+                 mode: Optional[str] = None) -> Iterator[Chunk]:
+    """Yield chunks, switching prompts where `prompts` (chunk index -> prompt) says (see schedule.py)."""
+    if 0 in prompts and stream.context is None:
+        stream.set_prompt(prompts[0])
+    made = 0
+    while count is None or made < count:
+        if stream.settings.window_frames is None and stream.frame >= stream.settings.max_frames:
+            return
+        if stream.chunk_index in prompts and stream.chunk_index > 0:
+            stream.set_prompt(prompts[stream.chunk_index], mode)
+        yield stream.step()
+        made += 1
