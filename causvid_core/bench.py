@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -92,4 +92,90 @@ def bench_model(preset: str, latent_hw: tuple[int, int] = (32, 32), frames: int 
         "cache_speedup_21f": round(t_full / t_chunk, 2),
         "tokens_per_s": round(chunk * T / t_chunk, 1),
         "kv_bytes": cache.nbytes,
+    }
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _stream_components(model_path: Optional[str]):
+    """The built-in model when it is installed (or a given one), else random weights of its presets."""
+    from .pipeline import Components, builtin_available, load_components
+    from .text import WordEncoderConfig, WordTextEncoder
+    from .vae import random_vae
+
+    if model_path or builtin_available():
+        return load_components(model_path), "builtin" if not model_path else model_path
+    cfg = dit_preset("shapes")
+    torch.manual_seed(0)
+    text = WordTextEncoder(WordEncoderConfig(text_dim=cfg.text_dim, text_len=cfg.text_len)).eval()
+    return Components(random_model(cfg), random_vae("shapes", seed=0), text), "random weights, presets shapes/shapes"
+
+
+@torch.no_grad()
+def bench_stream(seconds: float = 600.0, model_path: Optional[str] = None, size: int = 64,
+                 window_frames: int = 12, sink_frames: int = 3) -> dict:
+    """An endless stream at size x size: throughput, latency to the first frames, memory growth."""
+    from .stream import CausalStream, StreamSettings
+
+    comps, source = _stream_components(model_path)
+    sf = comps.vae.config.space_factor
+    fields = {**comps.stream_defaults, "window_frames": window_frames, "sink_frames": sink_frames, "max_frames": None}
+    settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+    prompt = "a red circle moving right on a black background"
+    fps_video = 16
+
+    def new_stream() -> CausalStream:
+        return CausalStream(comps.model, settings, latent_hw=(size // sf, size // sf), vae=comps.vae,
+                            text_encoder=comps.text_encoder)
+
+    warm = new_stream()  # warm-up: first-call costs (allocations, kernels) are not the stream's
+    warm.set_prompt(prompt)
+    warm.step()
+    del warm
+
+    stream = new_stream()
+    t0 = time.perf_counter()
+    stream.set_prompt(prompt)
+    first = stream.step()
+    first_chunk_s = time.perf_counter() - t0
+    frames = first.frames.shape[2]
+    rss_minute = None
+    while frames < seconds * fps_video:
+        chunk = stream.step()
+        frames += chunk.frames.shape[2]
+        if rss_minute is None and frames >= 60 * fps_video:
+            rss_minute = rss_mb()
+    wall = time.perf_counter() - t0
+    rss_end = rss_mb()
+
+    # cache speed-up: the last chunk's forward with the cache against recomputing every frame it sees
+    cfg = comps.model.config
+    f = settings.chunk_frames
+    hw = (size // sf, size // sf)
+    x = torch.randn(1, cfg.in_dim, f, *hw)
+    t = torch.full((1, f), float(settings.steps[0]))
+    ctx = stream.context
+    cached = _best_time(lambda: comps.model(x, t, ctx, cache=stream.cache, start_frame=stream.frame - f), 5)
+    seen = stream.cache.frames
+    x_all = torch.randn(1, cfg.in_dim, seen, *hw)
+    t_all = torch.full((1, seen), float(settings.steps[0]))
+    full = _best_time(lambda: comps.model(x_all, t_all, ctx, chunk_frames=f), 5)
+    return {
+        "bench": "stream", "model": source, "size": f"{size}x{size}", "seconds_of_video": round(frames / fps_video, 1),
+        "window_frames": window_frames, "sink_frames": sink_frames, "steps": list(settings.steps),
+        "threads": torch.get_num_threads(),
+        "fps": round(frames / wall, 1), "first_chunk_s": round(first_chunk_s, 3),
+        "rss_growth_mb": round(rss_end - rss_minute, 1) if rss_minute is not None else None,
+        "rss_mb": round(rss_end, 1), "wall_s": round(wall, 1),
+        "cache_speedup": round(full / cached, 2),
     }

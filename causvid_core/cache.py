@@ -93,6 +93,7 @@ class KVCache:
     def reset(self, start_frame: int = 0) -> None:
         """Forget every frame and the prompt (buffers are kept, not zeroed); the next chunk written
         starts at absolute frame `start_frame` (recaching rebuilds a window from the middle of a stream)."""
+        self.first_frame = start_frame  # the sinks are frames first_frame .. first_frame + sink_frames - 1
         self.global_end = start_frame
         self.local_end = 0
         self.window_positions = self.rope_mode == "window"  # "auto" switches again in begin() if needed
@@ -141,7 +142,7 @@ class KVCache:
             self._evict(evict)
             local_end -= evict
         local_start = local_end - n
-        if local_start < 0 or (local_start < self.sink_frames and start_frame >= self.sink_frames):
+        if local_start < 0 or (local_start < self.sink_frames and start_frame >= self.first_frame + self.sink_frames):
             raise ValueError(f"frames {start_frame}..{end - 1} were evicted from the window and cannot be rewritten")
         rope_start = local_start if self.window_positions else start_frame
         self.global_end, self.local_end = end, local_end

@@ -41,6 +41,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .vae_bench import bench_vae
 
         result = bench_vae(args.preset or "shapes")
+    elif args.what == "stream":
+        from .bench import bench_stream
+
+        result = bench_stream(seconds=args.seconds, model_path=args.model)
     else:  # argparse restricts the choices
         raise AssertionError(args.what)
     _print_json(result, args.json)
@@ -244,12 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_parity)
 
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=("model", "vae"))
+    b.add_argument("what", choices=("model", "vae", "stream"))
     b.add_argument("--preset", help="model preset (default: wan2.1-t2v-1.3b for model, shapes for vae)")
     b.add_argument("--latent", type=_latent_size, default=(32, 32), help="latent HxW (model bench)")
     b.add_argument("--frames", type=int, default=21, help="stream length in latent frames (model bench)")
     b.add_argument("--chunk", type=int, default=3, help="frames per chunk (model bench)")
     b.add_argument("--repeats", type=int, default=2, help="timed repeats, best kept (model bench)")
+    b.add_argument("--seconds", type=float, default=600.0, help="seconds of video (stream bench)")
+    b.add_argument("--model", help="DiT checkpoint (stream bench; default: the built-in model)")
     b.add_argument("--json", action="store_true", help="one compact JSON line")
     b.set_defaults(func=cmd_bench)
 

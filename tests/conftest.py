@@ -50,3 +50,14 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, 
     """Relative L2 error ||a - e|| / ||e|| <= tol (the parity metric), for outputs of any scale."""
     err = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
     assert err <= tol, f"{what}: relative L2 error {err:.3e} > {tol:.0e}"
+
+
+def tiny_components(seed: int = 0, **settings):
+    """A random tiny DiT + wan-tiny VAE + word text encoder, wired like the real pipeline."""
+    from causvid_core.pipeline import Components
+    from causvid_core.text import WordEncoderConfig, WordTextEncoder
+    from causvid_core.vae import random_vae
+
+    torch.manual_seed(seed)
+    text = WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval()
+    return Components(tiny_model(seed=seed), random_vae("wan-tiny", seed=seed), text, dict(settings))
