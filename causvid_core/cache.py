@@ -153,6 +153,12 @@ class KVCache:
         """Write this chunk's k, v [B, H, n*T, d] for `layer`; return the attended window [B, H, L, d]."""
         s = self._slots
         T = self.tokens_per_frame
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Training through the cache (Self-Forcing): attend to the cached past, which carries no
+            # gradient, and this chunk's own K/V without writing them; the t = 0 refresh writes the slots.
+            past = s.local_start * T
+            return (torch.cat([self.k[layer, :, :, :past], k.to(self.k.dtype)], dim=2),
+                    torch.cat([self.v[layer, :, :, :past], v.to(self.v.dtype)], dim=2))
         self.k[layer, :, :, s.local_start * T: s.local_end * T] = k
         self.v[layer, :, :, s.local_start * T: s.local_end * T] = v
         return self.k[layer, :, :, : s.local_end * T], self.v[layer, :, :, : s.local_end * T]

@@ -172,6 +172,8 @@ def _read_folder(p: Path, dtype: Optional[torch.dtype]) -> RawCheckpoint:
         layout = "folder-sharded"
     else:
         files = sorted(p.glob("*.safetensors"))
+        if (p / "diffusion_pytorch_model.safetensors") in files:  # Wan's name, beside e.g. a VAE or T5 file
+            files = [p / "diffusion_pytorch_model.safetensors"]
         if len(files) != 1:
             raise CheckpointError(f"{p}: expected one .safetensors file or a *.safetensors.index.json, "
                                   f"found {[f.name for f in files]}")
@@ -246,11 +248,13 @@ def infer_dit_config(sd: dict[str, Tensor], **overrides: Any) -> DiTConfig:
         raise CheckpointError(f"the weights give an impossible config: {exc}") from exc
 
 
-def config_from_metadata(meta: dict[str, str], sd: Optional[dict[str, Tensor]] = None) -> Optional[DiTConfig]:
+def config_from_metadata(meta: dict[str, str], sd: Optional[dict[str, Tensor]] = None,
+                         **overrides: Any) -> Optional[DiTConfig]:
     """The config a file carries: ours (complete), or a Wan folder's config.json.
 
     Wan's config.json lacks text_dim, patch_size, qk_norm, cross_attn_norm, ...: given the state dict `sd`,
-    those are taken from the tensor shapes and config.json's fields win; without it, defaults fill them.
+    those are taken from the tensor shapes, config.json's fields win over them and `overrides` over both;
+    without `sd`, defaults fill them.
     """
     try:
         if META_CONFIG in meta:
@@ -261,7 +265,7 @@ def config_from_metadata(meta: dict[str, str], sd: Optional[dict[str, Tensor]] =
                 raise CheckpointError(f"config.json holds a {type(d).__name__}, not an object")
             if sd is not None:
                 names = {f.name for f in dataclasses.fields(DiTConfig)}
-                return infer_dit_config(sd, **{k: v for k, v in d.items() if k in names})
+                return infer_dit_config(sd, **{**{k: v for k, v in d.items() if k in names}, **overrides})
             if "dim" in d and "num_heads" in d:
                 return DiTConfig.from_dict(d)
     except CheckpointError:
@@ -359,7 +363,7 @@ def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
             raise CheckpointError(f"{lora}: not a LoRA file (no lora_A / lora_B weights)")
         alpha = lora_alpha if lora_alpha is not None else _lora_alpha_from_folder(Path(lora))
         merge_lora(sd, lora_raw.tensors, alpha)
-    known = config if config is not None else config_from_metadata(raw.metadata, sd)
+    known = config if config is not None else config_from_metadata(raw.metadata, sd, **config_overrides)
     if known is None:
         cfg = infer_dit_config(sd, **config_overrides)
     elif config_overrides:

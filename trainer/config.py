@@ -1,0 +1,209 @@
+"""Training configs: one dataclass per stage, grouped in `TrainConfig`, with named presets.
+
+Presets: `micro` (every stage in minutes on 2 CPU cores: proves the pipeline), `shapes` (the built-in
+model on Shapes World), `wan-1.3b` (the paper's recipe on Wan2.1-T2V-1.3B for GPU clusters:
+documented and constructible, not run here). Any field can be overridden from the command line with
+`--set stage.field=value` (e.g. `--set dmd.steps=200 --set teacher.lr=2e-4`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 100
+    batch: int = 8  # global batch (all processes, all accumulation steps)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    log_every: int = 10
+    ckpt_every: int = 50
+
+
+@dataclass
+class DataConfig:
+    clip_frames: int = 33  # pixel frames, 4k+1
+    num_clips: int = 512  # pre-rendered training clips (latents cached for the DiT stages)
+    seed: int = 1234
+
+
+@dataclass
+class VAEStage(LoopConfig):
+    preset: str = "shapes"
+    overrides: dict = field(default_factory=dict)  # VAEConfig fields changed from the preset
+    clip_frames: int = 9  # short clips: the VAE is causal and local in time
+    kl_weight: float = 1e-6
+    stats_clips: int = 64  # clips encoded to measure the latent mean/std
+
+
+@dataclass
+class TextStage(LoopConfig):
+    text_dim: int = 64
+    text_len: int = 16
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int = 128
+
+
+@dataclass
+class DiTArch:
+    preset: str = "shapes"
+    overrides: dict = field(default_factory=dict)  # DiTConfig fields changed from the preset
+
+
+@dataclass
+class TeacherStage(LoopConfig):
+    shift: float = 5.0  # timesteps sampled on this shifted grid
+    cond_dropout: float = 0.1  # empty prompt, for classifier-free guidance
+
+
+@dataclass
+class CausalTeacherStage(LoopConfig):
+    pass
+
+
+@dataclass
+class ODEPairsStage:
+    num_pairs: int = 256
+    teacher_steps: int = 48  # a multiple of 4: the student's warped steps are points of this grid
+    guidance: float = 3.0
+    batch: int = 8
+
+
+@dataclass
+class ODEInitStage(LoopConfig):
+    pass
+
+
+@dataclass
+class DMDStage(LoopConfig):
+    lr_critic: float = 1e-4
+    gen_every: int = 5  # generator updated every 5th step, critic every step (CausVid)
+    guidance: float = 3.0  # real score: cond + g * (cond - uncond)
+    t_min: float = 20.0
+    t_max: float = 980.0
+    ema: float = 0.99
+    ema_start: int = 0
+    generator_input: str = "data"  # "data" (CausVid: data noised to the step list) | "rollout" (Self-Forcing)
+    real_score: str = "teacher"  # "teacher" (bidirectional) | "causal-teacher" (the ablation)
+    init: str = "ode-init"  # "ode-init" | "teacher" (the ablation without ODE initialisation)
+
+
+@dataclass
+class StudentConfig:
+    steps_preset: str = "self-forcing-4step"
+    chunk_frames: int = 3
+    window_frames: Optional[int] = None  # rolling window the student is exported for (None: full cache)
+    sink_frames: int = 0
+
+
+@dataclass
+class TrainConfig:
+    name: str = "shapes"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEStage = field(default_factory=VAEStage)
+    text: TextStage = field(default_factory=TextStage)
+    dit: DiTArch = field(default_factory=DiTArch)
+    teacher: TeacherStage = field(default_factory=TeacherStage)
+    causal_teacher: CausalTeacherStage = field(default_factory=CausalTeacherStage)
+    ode_pairs: ODEPairsStage = field(default_factory=ODEPairsStage)
+    ode_init: ODEInitStage = field(default_factory=ODEInitStage)
+    dmd: DMDStage = field(default_factory=DMDStage)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        cfg = cls()
+        for k, v in d.items():
+            sub = getattr(cfg, k)
+            if dataclasses.is_dataclass(sub):
+                setattr(cfg, k, type(sub)(**v))
+            else:
+                setattr(cfg, k, v)
+        return cfg
+
+
+def micro() -> TrainConfig:
+    """Every stage for real at the smallest size that still exercises it: minutes on 2 CPU cores."""
+    return TrainConfig(
+        name="micro",
+        data=DataConfig(clip_frames=9, num_clips=32),
+        vae=VAEStage(preset="wan-tiny", steps=30, batch=4, lr=2e-3, clip_frames=5, log_every=5, ckpt_every=10,
+                     stats_clips=8),
+        text=TextStage(steps=30, batch=16, lr=3e-3, text_dim=16, text_len=12, num_layers=1, num_heads=2, ffn_dim=32,
+                       log_every=5, ckpt_every=10),
+        dit=DiTArch(preset="shapes", overrides=dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16,
+                                                    text_len=12)),
+        teacher=TeacherStage(steps=30, batch=8, lr=2e-3, log_every=5, ckpt_every=10),
+        causal_teacher=CausalTeacherStage(steps=10, batch=8, lr=1e-3, log_every=5, ckpt_every=5),
+        ode_pairs=ODEPairsStage(num_pairs=8, teacher_steps=8, batch=4),
+        ode_init=ODEInitStage(steps=10, batch=4, lr=1e-3, log_every=5, ckpt_every=5),
+        dmd=DMDStage(steps=10, batch=4, lr=1e-3, lr_critic=1e-3, gen_every=2, log_every=5, ckpt_every=5),
+    )
+
+
+def shapes() -> TrainConfig:
+    """The built-in model (issue 6 sets the final numbers)."""
+    return TrainConfig(name="shapes")
+
+
+def wan_1_3b() -> TrainConfig:
+    """The paper's recipe at full size (reference/causal-wan.md section 7); for GPU clusters."""
+    return TrainConfig(
+        name="wan-1.3b",
+        data=DataConfig(clip_frames=81, num_clips=0),
+        dit=DiTArch(preset="wan2.1-t2v-1.3b"),
+        teacher=TeacherStage(steps=0, batch=64, lr=2e-6, shift=8.0),
+        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=6.0, batch=1),
+        ode_init=ODEInitStage(steps=3000, batch=128, lr=2e-6),
+        dmd=DMDStage(steps=600, batch=64, lr=2e-6, lr_critic=4e-7, gen_every=5, guidance=3.0, ema=0.99,
+                     ema_start=200, generator_input="rollout", weight_decay=0.01),
+        student=StudentConfig(steps_preset="self-forcing-4step", chunk_frames=3),
+    )
+
+
+PRESETS = {"micro": micro, "shapes": shapes, "wan-1.3b": wan_1_3b}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """`stage.field=value` strings; the value is parsed as JSON when it can be, else kept as text."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like stage.field=value")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target: Any = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not hasattr(target, p):
+                raise ValueError(f"override {item!r}: no section {p!r}")
+            target = getattr(target, p)
+        if isinstance(target, dict):
+            target[parts[-1]] = value
+            continue
+        if not hasattr(target, parts[-1]):
+            raise ValueError(f"override {item!r}: no field {parts[-1]!r} in {type(target).__name__}")
+        setattr(target, parts[-1], value)
+    return cfg

@@ -1,0 +1,65 @@
+"""The losses every stage is built from: flow matching, ODE regression, the DMD generator loss and
+the critic's denoising loss. All go through the same parameterisation (causvid_core.flow.FlowGrid):
+x_t = (1 - sigma) x0 + sigma noise, the models predict the flow v = noise - x0."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from causvid_core.flow import FlowGrid
+
+
+def per_frame(t: Tensor, frames: int) -> Tensor:
+    """[B] -> [B, F] (a per-frame timestep table)."""
+    return t.unsqueeze(1).expand(-1, frames) if t.dim() == 1 else t
+
+
+def flow_matching_loss(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Tensor, grid: FlowGrid,
+                       chunk_frames=None) -> Tensor:
+    """MSE between the predicted and the true flow at x_t (t [B] or per-frame [B, F])."""
+    x_t = grid.add_noise(x0, noise, t)
+    v = model(x_t, t, cond, chunk_frames=chunk_frames)
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+def ode_regression_loss(student, x_t: Tensor, t: Tensor, cond: Tensor, x0_target: Tensor, grid: FlowGrid,
+                        chunk_frames) -> Tensor:
+    """CausVid's ODE initialisation: one block-causal pass from the trajectory states x_t at per-frame
+    t [B, F] to x0; MSE to the trajectory's end on frames with t != 0."""
+    v = student(x_t, t, cond, chunk_frames=chunk_frames)
+    x0 = grid.flow_to_x0(v, x_t, t)
+    err = ((x0.float() - x0_target.float()) ** 2).mean(dim=(1, 3, 4))  # [B, F]
+    mask = (t != 0).float()
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def guided_x0(model, x_t: Tensor, t: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance: float,
+              grid: FlowGrid, chunk_frames=None) -> Tensor:
+    """x0 from a (guided) score: cond + g * (cond - uncond) on x0 (effective CFG 1 + g, as in CausVid)."""
+    x0_c = grid.flow_to_x0(model(x_t, t, cond, chunk_frames=chunk_frames), x_t, t)
+    if uncond is None or guidance == 0:
+        return x0_c
+    x0_u = grid.flow_to_x0(model(x_t, t, uncond, chunk_frames=chunk_frames), x_t, t)
+    return x0_c + guidance * (x0_c - x0_u)
+
+
+def dmd_generator_loss(x_gen: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """Distribution matching: move x_gen along (x_fake - x_real), normalised by |x_gen - x_real|.
+
+    grad = (x0_fake - x0_real) / mean(|x_gen - x0_real|) over (C, F, H, W), per sample, nan_to_num;
+    loss = 0.5 * MSE(x_gen, stopgrad(x_gen - grad)) in float64, whose gradient wrt x_gen is grad / numel."""
+    x_gen64 = x_gen.double()
+    with torch.no_grad():
+        norm = (x_gen64 - x0_real.double()).abs().mean(dim=tuple(range(1, x_gen.dim())), keepdim=True)
+        grad = torch.nan_to_num((x0_fake.double() - x0_real.double()) / norm)
+        target = x_gen64 - grad
+    return 0.5 * F.mse_loss(x_gen64, target)
+
+
+def critic_loss(fake, x_gen: Tensor, noise: Tensor, t: Tensor, cond: Tensor, grid: FlowGrid) -> Tensor:
+    """The fake score learns the generator's distribution: the flow-matching loss on x_gen (detached).
+    (The reference converts the critic's x0 back to a flow; with one parameterisation that is its output.)"""
+    return flow_matching_loss(fake, x_gen.detach(), noise, t, cond, grid)

@@ -1,0 +1,186 @@
+"""What every training stage shares: its folder, resumable atomic checkpoints, JSONL metrics, the
+accelerate set-up, per-sample deterministic randomness, and the data split across processes.
+
+Determinism is by construction, not by saved iterator state: the samples of step s are the global
+indices [s * batch, (s + 1) * batch), and every random draw of sample i at step s comes from a
+generator seeded by (seed, s, i, purpose). So a resumed run redraws exactly what an uninterrupted one
+would have, and N processes each taking a slice of a step's indices compute the same global batch
+as one process taking all of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from causvid_core.sampler import noise_seed
+
+
+def make_accelerator():
+    """accelerate's Accelerator (CPU unless CUDA is there); DDP under `accelerate launch` / torchrun."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class StageRun:
+    """One stage's run in `root/<name>/`: state.pt (resume), metrics.jsonl, DONE.json when finished."""
+
+    def __init__(self, root: str | os.PathLike, name: str, seed: int, accelerator=None):
+        self.dir = Path(root) / name
+        self.name, self.seed = name, seed
+        self.acc = accelerator if accelerator is not None else make_accelerator()
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        self.state_path = self.dir / "state.pt"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.done_path = self.dir / "DONE.json"
+        self._t0 = time.perf_counter()
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def done(self) -> bool:
+        return self.done_path.exists()
+
+    # -- randomness and data -------------------------------------------------------------------------
+    def generator(self, step: int, index: int, purpose: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(noise_seed(self.seed, step, index, purpose))
+
+    def randn(self, step: int, indices: list[int], shape: tuple[int, ...], purpose: int = 0) -> Tensor:
+        """[len(indices), *shape] Gaussian noise, each sample's own draw."""
+        return torch.stack([torch.randn(shape, generator=self.generator(step, i, purpose)) for i in indices])
+
+    def rand(self, step: int, indices: list[int], shape: tuple[int, ...] = (), purpose: int = 1) -> Tensor:
+        return torch.stack([torch.rand(shape, generator=self.generator(step, i, purpose)) for i in indices])
+
+    def local_indices(self, step: int, batch: int, grad_accum: int = 1) -> list[list[int]]:
+        """This process's sample indices of a step, split into grad_accum micro-batches."""
+        if batch % (self.world * grad_accum):
+            raise ValueError(f"batch {batch} must be divisible by processes x grad_accum = {self.world} x {grad_accum}")
+        per_rank = batch // self.world
+        first = step * batch + self.rank * per_rank
+        micro = per_rank // grad_accum
+        return [list(range(first + m * micro, first + (m + 1) * micro)) for m in range(grad_accum)]
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def resume(self, objects: dict[str, Any]) -> int:
+        """Load state.pt into the objects (anything with load_state_dict); return the step to start at."""
+        if not self.state_path.exists():
+            self._truncate_metrics(0)
+            return 0
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        for key, obj in objects.items():
+            obj.load_state_dict(state[key])
+        torch.set_rng_state(state["rng"])
+        step = int(state["step"])
+        self._truncate_metrics(step)
+        return step
+
+    def checkpoint(self, step: int, objects: dict[str, Any]) -> None:
+        """Atomically write every object's state and the step to resume at."""
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            state = {k: _unwrap(self.acc, v).state_dict() for k, v in objects.items()}
+            state.update(step=step, rng=torch.get_rng_state())
+            atomic_torch_save(state, self.state_path)
+        self.acc.wait_for_everyone()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] < step]
+        atomic_write_text(self.metrics_path, "".join(l + "\n" for l in keep))
+
+    # -- metrics --------------------------------------------------------------------------------------
+    def log(self, step: int, **metrics: float) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l]
+
+    def finish(self, **outputs: Any) -> None:
+        if self.is_main:
+            atomic_write_text(self.done_path, json.dumps({"stage": self.name, **outputs}, indent=2))
+        self.acc.wait_for_everyone()
+
+
+def _unwrap(acc, obj):
+    return acc.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                loss_fn, extra_state: Optional[dict[str, Any]] = None, progress: bool = True,
+                after_step=None) -> torch.nn.Module:
+    """The shared loop: resume, for each step: micro-batches (no DDP sync until the last), clip, step,
+    log, checkpoint; finally a last checkpoint. loss_fn(step, indices) -> (loss, metrics dict)."""
+    from tqdm import tqdm
+
+    acc = run.acc
+    model, optimizer = acc.prepare(model, optimizer)
+    objects = {"model": model, "optimizer": optimizer, **(extra_state or {})}
+    start = run.resume({k: _unwrap(acc, v) for k, v in objects.items()})
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run.name,
+               disable=not (progress and run.is_main), dynamic_ncols=True)
+    for step in bar:
+        micro_batches = run.local_indices(step, cfg.batch, cfg.grad_accum)
+        sums: dict[str, float] = {}
+        for m, indices in enumerate(micro_batches):
+            sync = contextlib.nullcontext() if m == len(micro_batches) - 1 else acc.no_sync(model)
+            with sync:
+                loss, metrics = loss_fn(step, indices, model)
+                acc.backward(loss / len(micro_batches))
+            for k, v in {"loss": float(loss), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
+        if cfg.grad_clip:
+            sums["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            run.log(step, **{k: round(v, 6) for k, v in sums.items()})
+            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            run.checkpoint(step + 1, objects)
+    run.checkpoint(cfg.steps, objects)
+    return _unwrap(acc, model)

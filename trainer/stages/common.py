@@ -1,0 +1,66 @@
+"""Paths and model builders the stages share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from causvid_core.config import DiTConfig, dit_preset
+from causvid_core.flow import FlowGrid, step_preset
+from causvid_core.model import WanDiT
+
+from ..config import TrainConfig
+
+STAGE_OUTPUTS = {
+    "vae": ("vae", "vae.safetensors"),
+    "text": ("text", "text.safetensors"),
+    "teacher": ("teacher", "teacher.safetensors"),
+    "causal-teacher": ("causal-teacher", "causal_teacher.safetensors"),
+    "ode-init": ("ode-init", "student.safetensors"),
+    "dmd": ("dmd", "student.safetensors"),
+}
+
+
+def output(root: str | Path, stage: str) -> Path:
+    folder, name = STAGE_OUTPUTS[stage]
+    return Path(root) / folder / name
+
+
+def require(root: str | Path, stage: str) -> Path:
+    p = output(root, stage)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: run the {stage!r} stage first (causvid-train {stage} ...)")
+    return p
+
+
+def dit_config(cfg: TrainConfig) -> DiTConfig:
+    return dit_preset(cfg.dit.preset).replace(**cfg.dit.overrides)
+
+
+def new_dit(cfg: TrainConfig) -> WanDiT:
+    torch.manual_seed(cfg.seed)  # every process builds the same initial weights
+    model = WanDiT(dit_config(cfg))
+    model.init_weights()
+    return model
+
+
+def load_frozen(path: Path, loader) -> torch.nn.Module:
+    model = loader(path)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def student_steps(cfg: TrainConfig) -> tuple[float, list[float]]:
+    return step_preset(cfg.student.steps_preset)
+
+
+def grid_index(grid: FlowGrid, u: torch.Tensor, lo: float = 0.0, hi: float = 1000.0) -> torch.Tensor:
+    """Grid timesteps for uniforms u in [0, 1), restricted to raw t in [lo, hi] (DMD clamps to [20, 980])."""
+    ts = grid.timesteps
+    allowed = torch.nonzero((ts >= lo) & (ts <= hi)).flatten()
+    return ts[allowed[(u * len(allowed)).long().clamp(max=len(allowed) - 1)]]
+
+
+def encode(text_encoder, prompts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder.encode(prompts)

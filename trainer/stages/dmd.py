@@ -1,0 +1,150 @@
+"""Asymmetric distribution matching distillation (CausVid), with Self-Forcing's self-rollout option.
+
+generator = the causal few-step student (from ODE init, or the teacher for the ablation);
+real score = the frozen teacher with guidance (bidirectional, or the causal teacher for the ablation);
+fake score = a trainable copy of the teacher (the critic), updated every step; the generator every
+`gen_every` steps; an EMA of the generator is what gets exported.
+
+Generator input: "data" (CausVid): data latents noised per chunk to a random step of the student's
+list, one block-causal pass to x0; "rollout" (Self-Forcing): the student's own KV-cached rollout from
+noise, with gradient through one random step per chunk and none through the cached past.
+Gradients are averaged across processes by hand (the generator runs several forwards per step)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from causvid_core.cache import KVCache
+from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.flow import FlowGrid
+from causvid_core.sampler import noise_seed
+from causvid_core.text import load_text_encoder
+
+from ..config import TrainConfig
+from ..losses import critic_loss, dmd_generator_loss, guided_x0
+from ..run import StageRun
+from .common import encode, grid_index, load_frozen, output, require, student_steps
+from .teacher import latent_set
+
+
+def sync_grads(acc, model: torch.nn.Module) -> None:
+    if acc.num_processes == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= acc.num_processes
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def generate_from_data(gen, x0_data, noise, cond, steps, grid, chunk, u) -> torch.Tensor:
+    """CausVid: each chunk of the data noised to a random student step; one block-causal pass to x0."""
+    F = x0_data.shape[2]
+    k = (u * len(steps)).long().clamp(max=len(steps) - 1)  # [B, chunks]
+    t = torch.tensor(steps, dtype=torch.float32)[k].repeat_interleave(chunk, dim=1)[:, :F]  # [B, F]
+    x_t = grid.add_noise(x0_data, noise, t)
+    return grid.flow_to_x0(gen(x_t, t, cond, chunk_frames=chunk), x_t, t)
+
+
+def self_rollout(gen, noise, cond, steps, grid, chunk, exits, renoise) -> torch.Tensor:
+    """Self-Forcing: the student's cached rollout; chunk c stops at step exits[c] with gradient."""
+    B, _, F, h, w = noise.shape
+    cache = KVCache.full(gen.config, batch=B, tokens_per_frame=gen.config.tokens_per_frame(h, w), frames=F)
+    outs = []
+    for c, s in enumerate(range(0, F, chunk)):
+        x = noise[:, :, s:s + chunk]
+        f = x.shape[2]
+        for i in range(exits[c] + 1):
+            t = torch.full((B, f), float(steps[i]))
+            with torch.set_grad_enabled(i == exits[c]):
+                x0 = grid.flow_to_x0(gen(x, t, cond, cache=cache, start_frame=s), x, t)
+            if i < exits[c]:
+                x = grid.add_noise(x0, renoise(c, i, x.shape), torch.full((B,), float(steps[i + 1])))
+        with torch.no_grad():
+            gen(x0.detach(), torch.zeros(B, f), cond, cache=cache, start_frame=s)
+        outs.append(x0)
+    return torch.cat(outs, dim=2)
+
+
+def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
+    root = Path(root)
+    r = StageRun(root, "dmd", cfg.seed, accelerator)
+    if r.done:
+        return
+    sc, chunk = cfg.dmd, cfg.student.chunk_frames
+    shift, steps = student_steps(cfg)
+    grid = FlowGrid(shift)
+    text = load_frozen(require(root, "text"), load_text_encoder)
+    gen = load_dit(require(root, "ode-init" if sc.init == "ode-init" else "teacher")).train().requires_grad_(True)
+    critic = load_dit(require(root, "teacher")).train().requires_grad_(True)
+    real_causal = sc.real_score == "causal-teacher"
+    real = load_frozen(require(root, "causal-teacher" if real_causal else "teacher"), load_dit)
+    ema = copy.deepcopy(gen).eval().requires_grad_(False)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
+    data = latent_set(cfg, root, r)
+    objects = {"generator": gen, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_c": opt_c}
+    start = r.resume(objects)
+    from tqdm import tqdm
+    for step in tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc="dmd", disable=not r.is_main,
+                     dynamic_ncols=True):
+        (idx,) = r.local_indices(step, sc.batch)
+        x0_data, prompts = data.batch(idx)
+        B, F = x0_data.shape[0], x0_data.shape[2]
+        chunks = -(-F // chunk)
+        cond, uncond = encode(text, prompts), encode(text, [""] * B)
+        torch.manual_seed(noise_seed(cfg.seed, step, r.rank))  # rollout re-noising: not tied to a sample
+        metrics = {}
+
+        def make_x_gen() -> torch.Tensor:
+            if sc.generator_input == "rollout":
+                exits = (r.rand(step, [0], (chunks,), purpose=5)[0] * len(steps)).long().clamp(max=len(steps) - 1)
+                noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6)
+                return self_rollout(gen, noise, cond, steps, grid, chunk, exits.tolist(),
+                                    lambda c, i, shape: torch.randn(shape))
+            return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6), cond,
+                                      steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5))
+
+        if step % sc.gen_every == 0:
+            x_gen = make_x_gen()
+            t = grid_index(grid, r.rand(step, idx, purpose=7), sc.t_min, sc.t_max)
+            x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8), t)
+            with torch.no_grad():
+                tt = t.unsqueeze(1).expand(B, F) if real_causal else t
+                x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
+                                    chunk_frames=chunk if real_causal else None)
+                x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
+            loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
+            loss_g.backward()
+            sync_grads(r.acc, gen)
+            metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), sc.grad_clip))
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
+            metrics["loss_dmd"] = float(loss_g)
+        with torch.no_grad():
+            x_gen = make_x_gen()
+        t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max)
+        loss_c = critic_loss(critic, x_gen, r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=10), t, cond, grid)
+        loss_c.backward()
+        sync_grads(r.acc, critic)
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), sc.grad_clip)
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+        metrics["loss_critic"] = float(loss_c)
+        if step % sc.log_every == 0 or step == sc.steps - 1:
+            r.log(step, **metrics)
+        if (step + 1) % sc.ckpt_every == 0 and step + 1 < sc.steps:
+            r.checkpoint(step + 1, objects)
+    r.checkpoint(sc.steps, objects)
+    if r.is_main:
+        save_dit(ema, output(root, "dmd"))
+    r.finish(model=str(output(root, "dmd")), steps=sc.steps, generator_input=sc.generator_input,
+             real_score=sc.real_score, init=sc.init)

@@ -1,0 +1,39 @@
+"""Export: the distilled student (its EMA) as our safetensors with its config and the stream settings
+it was trained for in the metadata, beside the VAE and text encoder it belongs with, so
+`causvid generate --model DIR/student.safetensors` and the LoadCausalModel node need nothing else."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.pipeline import META_STREAM
+
+from ..config import TrainConfig
+from ..run import StageRun
+from .common import require, student_steps
+
+
+def stream_settings(cfg: TrainConfig) -> dict:
+    shift, steps = student_steps(cfg)
+    out = {"steps": steps, "shift": shift, "chunk_frames": cfg.student.chunk_frames}
+    if cfg.student.window_frames:
+        out.update(window_frames=cfg.student.window_frames, sink_frames=cfg.student.sink_frames)
+    return out
+
+
+def run(cfg: TrainConfig, root: str | Path, accelerator=None, source: str = "dmd") -> None:
+    root = Path(root)
+    r = StageRun(root, "export", cfg.seed, accelerator)
+    if r.done:
+        return
+    if r.is_main:
+        student = load_dit(require(root, source))
+        save_dit(student, root / "student.safetensors",
+                 {META_STREAM: json.dumps(stream_settings(cfg)), "causvid.trained": json.dumps(
+                     {"preset": cfg.name, "source": source})})
+        for part, name in (("vae", "vae.safetensors"), ("text", "text.safetensors")):
+            shutil.copyfile(require(root, part), root / name)
+    r.finish(student=str(root / "student.safetensors"), vae=str(root / "vae.safetensors"),
+             text=str(root / "text.safetensors"), source=source)

@@ -1,0 +1,52 @@
+"""ODE-regression initialisation (CausVid): the causal student starts from the teacher's weights and
+learns, with the block-causal mask, to map each chunk's trajectory state at a random student step
+(frames of a chunk share it) to the trajectory's end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.flow import FlowGrid
+from causvid_core.text import load_text_encoder
+
+from ..config import TrainConfig
+from ..data import load_ode_pairs
+from ..losses import ode_regression_loss
+from ..run import StageRun, train_steps
+from .common import encode, load_frozen, output, require, student_steps
+
+
+def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
+    root = Path(root)
+    r = StageRun(root, "ode-init", cfg.seed, accelerator)
+    if r.done:
+        return
+    sc, chunk = cfg.ode_init, cfg.student.chunk_frames
+    shift, _ = student_steps(cfg)
+    states, prompts, timesteps = load_ode_pairs(root / "ode-pairs")  # [N, K+1, C, F, h, w]
+    K = states.shape[1] - 1
+    text = load_frozen(require(root, "text"), load_text_encoder)
+    student = load_dit(require(root, "teacher")).train()
+    student.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
+    grid = FlowGrid(shift)
+    ts = torch.tensor(timesteps, dtype=torch.float32)
+
+    def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
+        rows = [i % len(prompts) for i in idx]
+        traj = states[rows].float()  # [B, K+1, C, F, h, w]
+        F = traj.shape[3]
+        chunks = -(-F // chunk)
+        k = (r.rand(step, idx, (chunks,), purpose=4) * K).long().clamp(max=K - 1)  # [B, chunks]
+        k_frames = k.repeat_interleave(chunk, dim=1)[:, :F]  # [B, F]
+        b = torch.arange(len(idx)).unsqueeze(1)
+        x_t = traj[b, k_frames, :, torch.arange(F)].permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]
+        cond = encode(text, [prompts[i] for i in rows])
+        return ode_regression_loss(m, x_t, ts[k_frames], cond, traj[:, K], grid, chunk), {}
+
+    student = train_steps(r, sc, student, opt, loss_fn)
+    if r.is_main:
+        save_dit(student, output(root, "ode-init"))
+    r.finish(model=str(output(root, "ode-init")), steps=sc.steps)

@@ -1,0 +1,70 @@
+"""ODE pairs: the teacher's many-step guided trajectories from noise, kept at the student's steps.
+
+With a teacher grid of `teacher_steps` Euler steps on the student's shift, the student's warped steps
+are points of that grid (Self-Forcing: 48 steps, indices 0, 12, 24, 36 -> t = 1000, 937.5, 833.3, 625),
+so the kept states are exact trajectory points, not interpolations."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from causvid_core.checkpoints import load_dit
+from causvid_core.sampler import flow_sigmas, sample_bidirectional
+from causvid_core.text import load_text_encoder
+
+from ..config import TrainConfig
+from ..data import prompt_batch, save_ode_shard
+from ..run import StageRun
+from .common import dit_config, encode, load_frozen, require, student_steps
+
+
+def keep_indices(teacher_steps: int, shift: float, steps: list[float]) -> list[int]:
+    ts = (flow_sigmas(teacher_steps, shift) * 1000).tolist()
+    out = []
+    for t in steps:
+        i = min(range(len(ts)), key=lambda j: abs(ts[j] - t))
+        if abs(ts[i] - t) > 1e-2:
+            raise ValueError(f"student step t={t} is not on a {teacher_steps}-step shift-{shift} teacher grid; "
+                             "use teacher_steps a multiple of 4 with a warped step preset")
+        out.append(i)
+    return out + [teacher_steps]
+
+
+@torch.no_grad()
+def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
+    root = Path(root)
+    r = StageRun(root, "ode-pairs", cfg.seed, accelerator)
+    if r.done:
+        return
+    sc = cfg.ode_pairs
+    shift, steps = student_steps(cfg)
+    keep = keep_indices(sc.teacher_steps, shift, steps)
+    teacher = load_frozen(require(root, "teacher"), load_dit)
+    text = load_frozen(require(root, "text"), load_text_encoder)
+    dcfg = dit_config(cfg)
+    F = (cfg.data.clip_frames - 1) // 4 + 1
+    hw = _latent_hw(root)
+    batches = range(0, sc.num_pairs, sc.batch)
+    from tqdm import tqdm
+    for b in tqdm(list(batches)[r.rank::r.world], desc="ode-pairs", disable=not r.is_main, dynamic_ncols=True):
+        path = r.dir / f"shard_{b // sc.batch:05d}.safetensors"
+        if path.exists():
+            continue  # resumable: shards are written atomically, one per batch
+        idx = list(range(b, min(b + sc.batch, sc.num_pairs)))
+        prompts = prompt_batch(cfg.data.seed + 1, idx)
+        cond, uncond = encode(text, prompts), encode(text, [""] * len(idx))
+        noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
+        _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
+                                       guidance=sc.guidance, keep=keep)
+        states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
+        save_ode_shard(path, states, prompts, list(steps) + [0.0])
+    r.acc.wait_for_everyone()
+    r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0])
+
+
+def _latent_hw(root: Path) -> tuple[int, int]:
+    from safetensors import safe_open
+    with safe_open(str(root / "latents.safetensors"), framework="pt") as f:
+        shape = f.get_slice("latents").get_shape()
+    return shape[-2], shape[-1]

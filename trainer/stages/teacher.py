@@ -1,0 +1,50 @@
+"""Bidirectional flow-matching teacher on the VAE latents of Shapes World clips, with condition
+dropout (empty prompt) for classifier-free guidance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from causvid_core.checkpoints import save_dit
+from causvid_core.flow import FlowGrid
+from causvid_core.text import load_text_encoder
+from causvid_core.vae import load_vae
+
+from ..config import TrainConfig
+from ..data import LatentSet
+from ..losses import flow_matching_loss
+from ..run import StageRun, train_steps
+from .common import encode, grid_index, load_frozen, new_dit, output, require
+
+
+def latent_set(cfg: TrainConfig, root: Path, run: StageRun) -> LatentSet:
+    vae = load_frozen(require(root, "vae"), load_vae)
+    return LatentSet.build(Path(root) / "latents.safetensors", vae, cfg.data.seed, cfg.data.num_clips,
+                           cfg.data.clip_frames, is_main=run.is_main, wait=run.acc.wait_for_everyone)
+
+
+def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
+    root = Path(root)
+    r = StageRun(root, "teacher", cfg.seed, accelerator)
+    if r.done:
+        return
+    sc = cfg.teacher
+    text = load_frozen(require(root, "text"), load_text_encoder)
+    data = latent_set(cfg, root, r)
+    model = new_dit(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
+    grid = FlowGrid(sc.shift)
+
+    def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
+        x0, prompts = data.batch(idx)
+        drop = r.rand(step, idx, purpose=2) < sc.cond_dropout
+        cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])
+        noise = r.randn(step, idx, tuple(x0.shape[1:]))
+        t = grid_index(grid, r.rand(step, idx, purpose=3))
+        return flow_matching_loss(m, x0, noise, t, cond, grid), {}
+
+    model = train_steps(r, sc, model, opt, loss_fn)
+    if r.is_main:
+        save_dit(model, output(root, "teacher"))
+    r.finish(model=str(output(root, "teacher")), steps=sc.steps)
