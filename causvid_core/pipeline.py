@@ -12,7 +12,7 @@ import torch
 from .checkpoints import CheckpointError, load_dit, read_checkpoint
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-BUILTIN_FILES = {"model": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text.safetensors"}
+BUILTIN_FILES = {"model": "student.safetensors", "vae": "vae.safetensors", "text_encoder": "text.safetensors"}
 META_STREAM = "causvid.stream"  # the stream settings a checkpoint was trained for (JSON)
 
 
@@ -33,9 +33,13 @@ def builtin_available() -> bool:
     return all(builtin_path(p).exists() for p in BUILTIN_FILES)
 
 
-def _resolve(path: Optional[str | os.PathLike], part: str) -> Path:
+def _resolve(path: Optional[str | os.PathLike], part: str, beside: Optional[Path] = None) -> Path:
+    """A given file; else the file of that part next to the model (what `causvid-train export` writes);
+    else the built-in one."""
     if path is not None:
         return Path(path)
+    if beside is not None and (beside.parent / BUILTIN_FILES[part]).exists():
+        return beside.parent / BUILTIN_FILES[part]
     p = builtin_path(part)
     if not p.exists():
         raise CheckpointError(f"the built-in {part.replace('_', ' ')} ({p.name}) is not in this install; "
@@ -69,8 +73,9 @@ def load_components(model: Optional[str | os.PathLike] = None, vae: Optional[str
 
     model_path = _resolve(model, "model")
     dit = load_dit(model_path, dtype=dtype, device=device)
-    vae_model = load_vae(_resolve(vae, "vae"), device=device)
-    text = load_text_encoder(_resolve(text_encoder, "text_encoder"), device=device)
+    beside = model_path if model is not None else None
+    vae_model = load_vae(_resolve(vae, "vae", beside), device=device)
+    text = load_text_encoder(_resolve(text_encoder, "text_encoder", beside), device=device)
     if text.text_dim != dit.config.text_dim:
         raise CheckpointError(f"the text encoder gives {text.text_dim}-dim embeddings, the model expects "
                               f"text_dim={dit.config.text_dim}: they do not belong together")

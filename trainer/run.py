@@ -169,7 +169,7 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
             with sync:
                 loss, metrics = loss_fn(step, indices, model)
                 acc.backward(loss / len(micro_batches))
-            for k, v in {"loss": float(loss), **metrics}.items():
+            for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
         if cfg.grad_clip:
             sums["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))

@@ -128,7 +128,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
-            metrics["loss_dmd"] = float(loss_g)
+            metrics["loss_dmd"] = loss_g.item()
         with torch.no_grad():
             x_gen = make_x_gen()
         t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max)
@@ -138,7 +138,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         torch.nn.utils.clip_grad_norm_(critic.parameters(), sc.grad_clip)
         opt_c.step()
         opt_c.zero_grad(set_to_none=True)
-        metrics["loss_critic"] = float(loss_c)
+        metrics["loss_critic"] = loss_c.item()
         if step % sc.log_every == 0 or step == sc.steps - 1:
             r.log(step, **metrics)
         if (step + 1) % sc.ckpt_every == 0 and step + 1 < sc.steps:

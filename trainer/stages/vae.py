@@ -56,8 +56,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         recon, mu, log_var = reconstruct(m, x, eps)
         l1, mse = F.l1_loss(recon, x), F.mse_loss(recon, x)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
-        psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10)))
-        return l1 + mse + sc.kl_weight * kl, {"l1": float(l1), "psnr": psnr, "kl": float(kl)}
+        psnr = (10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))).item()
+        return l1 + mse + sc.kl_weight * kl, {"l1": l1.item(), "psnr": psnr, "kl": kl.item()}
 
     vae = train_steps(r, sc, vae, opt, loss_fn).eval()
     mean, std = latent_stats(vae, data_seed + 1, sc.stats_clips, sc.clip_frames)

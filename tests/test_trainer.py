@@ -1,0 +1,190 @@
+"""The trainer: the micro pipeline end to end, resume after kill -9, two processes equal one,
+gradient accumulation, the DMD gradient by hand, ablation switches, config overrides."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from causvid_core.checkpoints import load_dit
+from trainer.config import apply_overrides, micro, preset
+from trainer.losses import dmd_generator_loss
+from trainer.pipeline import run_pipeline, run_stage
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micro")
+    t0 = time.perf_counter()
+    times = run_pipeline(micro(), root, log=lambda m: None)
+    return root, times, time.perf_counter() - t0
+
+
+def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
+    root, times, total = micro_run
+    assert list(times) == ["vae", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export"]
+    assert total < 180, f"micro pipeline took {total:.0f} s"
+    for stage in times:
+        assert (root / stage / "DONE.json").exists(), stage
+    vae = [json.loads(l) for l in (root / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert vae[-1]["psnr"] > vae[0]["psnr"] + 3, "the VAE did not learn"
+    text = [json.loads(l) for l in (root / "text" / "metrics.jsonl").read_text().splitlines()]
+    assert text[-1]["loss"] < text[0]["loss"]
+    pairs = json.loads((root / "ode-pairs" / "DONE.json").read_text())
+    assert pairs["timesteps"] == [1000.0, 937.5, 833.3333129882812, 625.0, 0.0]
+    student = load_dit(root / "student.safetensors")
+    assert student.config.dim == 32
+    out = tmp_path / "v.mp4"
+    r = subprocess.run([PY, "-m", "causvid_core.cli", "generate", "--model", root / "student.safetensors",
+                        "--prompt", "a red circle moving right on a black background", "--out", out, "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from causvid_core.video_io import read_video
+    assert read_video(out).shape == (33, 64, 64, 3)
+
+
+def _copy_prereqs(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("vae", "text"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "latents.safetensors", dst / "latents.safetensors")
+
+
+def _teacher_cmd(root: Path, *sets: str) -> list:
+    cmd = [PY, "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(root)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def _losses(root: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(l) for l in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(micro_run, tmp_path):
+    src = micro_run[0]
+    sets = ("teacher.steps=150", "teacher.log_every=1", "teacher.ckpt_every=10")
+    a, b = tmp_path / "a", tmp_path / "b"
+    _copy_prereqs(src, a)
+    _copy_prereqs(src, b)
+    subprocess.run(_teacher_cmd(a, *sets), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_teacher_cmd(b, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = b / "teacher" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill mid-run, after a checkpoint and a few more logged steps
+        if (b / "teacher" / "state.pt").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 45:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = len(metrics.read_text().splitlines())
+    assert 0 < logged < 150, f"the kill did not land mid-run ({logged} steps logged)"
+    state = torch.load(b / "teacher" / "state.pt", weights_only=True)
+    assert 0 < state["step"] < 150
+    subprocess.run(_teacher_cmd(b, *sets), check=True, capture_output=True, timeout=600)
+    la, lb = _losses(a), _losses(b)
+    assert [s for s, _ in lb] == list(range(150))
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    worst = max(abs(x - y) for (_, x), (_, y) in zip(la, lb))
+    assert worst <= 1e-6, f"resumed losses differ by {worst}"
+    wa, wb = load_dit(a / "teacher" / "teacher.safetensors"), load_dit(b / "teacher" / "teacher.safetensors")
+    for (k, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), k
+
+
+def test_two_processes_end_with_the_weights_of_one(micro_run, tmp_path):
+    """Two gloo processes (accelerate launch) at the same global batch equal one process, within 1e-5."""
+    src = micro_run[0]
+    sets = ("teacher.steps=6", "teacher.batch=8", "teacher.ckpt_every=100")
+    one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
+    for d in (one, two, accum):
+        _copy_prereqs(src, d)
+    subprocess.run(_teacher_cmd(one, *sets), check=True, capture_output=True, timeout=600)
+    subprocess.run(_teacher_cmd(accum, *sets, "teacher.grad_accum=2"), check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+              "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(two)]
+    for s in sets:
+        launch += ["--set", s]
+    r = subprocess.run(launch, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w = {name: load_dit(d / "teacher" / "teacher.safetensors").state_dict() for name, d in
+         (("one", one), ("two", two), ("accum", accum))}
+    for other in ("two", "accum"):
+        worst = max((w["one"][k] - w[other][k]).abs().max().item() for k in w["one"])
+        assert worst <= 1e-5, f"{other}: max weight difference {worst}"
+    start = load_dit(one / "teacher" / "teacher.safetensors")  # and training did move the weights
+    from trainer.stages.common import new_dit
+    init = new_dit(micro())
+    assert max((start.state_dict()[k] - v).abs().max().item() for k, v in init.state_dict().items()) > 1e-3
+
+
+def test_dmd_gradient_matches_the_hand_computed_value():
+    x_gen = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    x_real = torch.tensor([[0.0, 0.0]])
+    x_fake = torch.tensor([[0.5, 1.0]])
+    loss = dmd_generator_loss(x_gen, x_real, x_fake)
+    loss.backward()
+    # norm = mean|x_gen - x_real| = 1.5; grad = (x_fake - x_real) / 1.5 = [1/3, 2/3]
+    # loss = 0.5 * mean(grad^2) = 5/36; d loss / d x_gen = grad / numel = [1/6, 1/3]
+    assert abs(loss.item() - 5 / 36) < 1e-12
+    assert torch.allclose(x_gen.grad, torch.tensor([[1 / 6, 1 / 3]]), atol=1e-7)
+    # a step against the gradient moves x_gen along (x_real - x_fake): from the fake score toward the real
+    step = -0.1 * x_gen.grad
+    assert torch.dot(step.flatten(), (x_real - x_fake).flatten()) > 0
+
+
+@pytest.mark.parametrize("changes", [
+    ["dmd.generator_input=rollout"],
+    ["dmd.real_score=causal-teacher", "dmd.init=teacher"],
+])
+def test_dmd_variants_train(micro_run, tmp_path, changes):
+    src = micro_run[0]
+    root = tmp_path / "r"
+    _copy_prereqs(src, root)
+    for name in ("teacher", "causal-teacher", "ode-pairs", "ode-init"):
+        shutil.copytree(src / name, root / name)
+    cfg = apply_overrides(micro(), ["dmd.steps=4", "dmd.gen_every=2"] + changes)
+    run_stage("dmd", cfg, root)
+    rows = [json.loads(l) for l in (root / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_dmd" in r and r["gen_grad_norm"] > 0 for r in rows)
+    done = json.loads((root / "dmd" / "DONE.json").read_text())
+    assert all(done[k.split("=")[0].split(".")[1]] == k.split("=")[1] for k in changes)
+
+
+def test_self_rollout_backpropagates_through_the_exit_step_only():
+    from causvid_core.flow import FlowGrid
+    from trainer.stages.dmd import self_rollout
+    from conftest import tiny_model
+    gen = tiny_model()
+    gen.train()
+    noise = torch.randn(1, 16, 6, 2, 2)
+    cond = torch.randn(1, 4, gen.config.text_dim)
+    out = self_rollout(gen, noise, cond, [1000.0, 750.0, 500.0], FlowGrid(5.0), 3, [2, 0],
+                       lambda c, i, shape: torch.zeros(shape))
+    assert out.requires_grad
+    out[:, :, 3:].sum().backward()  # the second chunk: one (exit) step, attending to the first as cached past
+    assert gen.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
+
+
+def test_presets_and_overrides():
+    assert preset("wan-1.3b").dit.preset == "wan2.1-t2v-1.3b"
+    cfg = apply_overrides(micro(), ["dmd.steps=7", "dit.overrides.dim=48", "dmd.generator_input=rollout"])
+    assert cfg.dmd.steps == 7 and cfg.dit.overrides["dim"] == 48 and cfg.dmd.generator_input == "rollout"
+    for bad in ("dmd.nope=1", "nope.steps=1", "dmd.steps"):
+        with pytest.raises(ValueError):
+            apply_overrides(micro(), [bad])
+    with pytest.raises(ValueError, match="unknown training preset"):
+        preset("huge")
