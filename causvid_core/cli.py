@@ -109,15 +109,18 @@ def _request(args: argparse.Namespace, prompts) -> "GenerationRequest":
 
     image = read_image(args.image) if args.image else None
     video = read_video(args.video) if args.video else None
+    extend = read_video(args.extend) if getattr(args, "extend", None) else None
     height, width = args.height, args.width
     if video is not None and height is None and width is None:
         height, width = video.shape[1:3]  # video-to-video keeps the input's size by default
     if image is not None and height is None and width is None:
         height, width = image.shape[:2]
+    if extend is not None and height is None and width is None:
+        height, width = extend.shape[1:3]
     frames = args.frames if args.frames is not None else (len(video) if video is not None else 33)
     return GenerationRequest(prompts=prompts, frames=frames, height=height or 64, width=width or 64,
                              seed=args.seed, settings=_settings(args), image=image, video=video,
-                             strength=args.strength)
+                             strength=args.strength, extend=extend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -230,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default 33, or the input video's)")
     g.add_argument("--image", help="image-to-video: start from this PNG/JPEG")
     g.add_argument("--video", help="video-to-video: restyle this video")
+    g.add_argument("--extend", help="video extension: continue this clip (4k+1 frames) up to --frames")
     g.add_argument("--strength", type=float, default=0.7, help="video-to-video: 1 ignores the input, lower keeps more")
     g.add_argument("--prompts", help="batch mode: a file with one prompt a line (needs --out-dir)")
     g.add_argument("--out-dir", help="batch mode: writes 000.mp4, 001.mp4, ... in order")

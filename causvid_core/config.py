@@ -81,7 +81,7 @@ DIT_PRESETS: dict[str, DiTConfig] = {
                                 num_heads=40, num_layers=40),
     # The built-in model for 64x64 Shapes World video (8x8 latents, 16 tokens a frame), with the
     # built-in word encoder's 64-dim, 16-token text: small enough to train and stream on 2 CPU cores.
-    "shapes": DiTConfig(dim=256, ffn_dim=768, num_heads=4, num_layers=6, text_dim=64, text_len=16),
+    "shapes": DiTConfig(dim=192, ffn_dim=576, num_heads=3, num_layers=4, text_dim=64, text_len=16),
     # Small configs of the same design for tests and CPU work.
     "wan-tiny": DiTConfig(dim=96, ffn_dim=160, num_heads=2, num_layers=2, text_dim=32, text_len=16),
     "wan-tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=2,

@@ -24,6 +24,7 @@ class GenerationRequest:
     settings: dict = field(default_factory=dict)  # StreamSettings overrides (steps, shift, window, ...)
     image: Optional[np.ndarray] = None  # uint8 [H, W, 3]: image-to-video
     video: Optional[np.ndarray] = None  # uint8 [T, H, W, 3]: video-to-video
+    extend: Optional[np.ndarray] = None  # uint8 [T, H, W, 3], T = 4k+1: continue this clip to `frames`
     strength: float = 0.7  # video-to-video: how far the input is noised (1 = ignore it)
 
 
@@ -70,12 +71,15 @@ def generate_chunks(components: Components, req: GenerationRequest,
         raise ValueError("give a prompt")
     stream = make_stream(components, req)
     F = stream.settings.max_frames or latent_frames(req.frames)
+    if sum(x is not None for x in (req.image, req.video, req.extend)) > 1:
+        raise ValueError("give one of: an image (image-to-video), a video (video-to-video), a clip to extend")
+    if req.extend is not None:
+        yield from _extend(stream, req, F, notice)
+        return
     layout = _layout(stream.settings, F)
     by_chunk, notices = snap_schedule(req.prompts, layout, components.vae.config.time_factor)
     for n in notices:
         notice(n)
-    if req.image is not None and req.video is not None:
-        raise ValueError("give an image (image-to-video) or a video (video-to-video), not both")
     stream.set_prompt(by_chunk[0])
     if req.image is not None:
         img = _pixels(req.image[None], req.height, req.width, "image")[:, :, 0]
@@ -86,6 +90,24 @@ def generate_chunks(components: Components, req: GenerationRequest,
         yield from _restyle(stream, req, by_chunk)
         return
     yield from run_schedule(stream, by_chunk)
+
+
+def _extend(stream: CausalStream, req: GenerationRequest, F: int, notice) -> Iterator[Chunk]:
+    """Video extension: the clip's latents go into the cache at t = 0, then generation continues."""
+    clip = req.extend
+    L = latent_frames(len(clip), stream.vae.config.time_factor)
+    if L >= F:
+        raise ValueError(f"the clip to extend has {len(clip)} frames; ask for more (--frames > {len(clip)})")
+    with torch.no_grad():
+        latents = stream.vae.encode(_pixels(clip, req.height, req.width, "clip to extend").to(stream.device))
+    # the schedule's chunk 0 is the given clip; generated chunks follow
+    layout = [L] + [stream.settings.chunk_frames] * -(-(F - L) // stream.settings.chunk_frames)
+    by_layout, notices = snap_schedule(req.prompts, layout, stream.vae.config.time_factor)
+    for n in notices:
+        notice(n)
+    stream.set_prompt(by_layout[0])
+    yield stream.add_context(latents)
+    yield from run_schedule(stream, {c - 1: p for c, p in by_layout.items() if c > 0})
 
 
 def _pixels(frames: np.ndarray, height: int, width: int, what: str) -> Tensor:

@@ -219,3 +219,23 @@ def test_an_endless_stream_holds_constant_memory():
         assert chunk.frames.shape[2] == (9 if i == 0 else 12)
     assert len(sizes) == 1, sizes
     assert s.frame == 180 and s.cache.frames == 6
+
+
+def test_video_extension_continues_the_clip():
+    comps = tiny_components()
+    g = np.random.default_rng(1)
+    clip = g.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    req = GenerationRequest(prompts=[PromptEvent(0, A), PromptEvent(21, B)], frames=33, height=32, width=32,
+                            extend=clip)
+    chunks = list(generate_chunks(comps, req, notice=lambda m: None))
+    assert chunks[0].is_context and chunks[0].latents.shape[2] == 3
+    assert [c.start_frame for c in chunks] == [0, 3, 6] and [c.prompt for c in chunks] == [A, A, B]
+    video = np.concatenate([to_uint8(c.frames) for c in chunks])
+    assert video.shape == (33, 32, 32, 3)
+    from causvid_core.video_io import from_uint8
+    with torch.no_grad():
+        recon = to_uint8(comps.vae.decode(comps.vae.encode(from_uint8(clip))))
+    assert np.abs(video[:9].astype(int) - recon.astype(int)).max() <= 1  # the clip, through the VAE
+    with pytest.raises(ValueError, match="ask for more"):
+        list(generate_chunks(comps, GenerationRequest(prompts=[PromptEvent(0, A)], frames=9, height=32, width=32,
+                                                      extend=clip)))
