@@ -27,6 +27,7 @@ The cross-attention K/V (per layer, computed once per prompt) lives here too and
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -104,6 +105,14 @@ class KVCache:
         """Drop the cross-attention K/V: call when the prompt changes."""
         self.cross = [None] * self.config.num_layers
         self.cross_source = None
+
+    def clone(self) -> "KVCache":
+        """An independent copy (the K/V buffers are copied; the cross-attention K/V, never written in
+        place, are shared): advancing the copy leaves this cache as it was."""
+        new = copy.copy(self)
+        new.k, new.v = self.k.clone(), self.v.clone()
+        new.cross = list(self.cross)
+        return new
 
     @property
     def frames(self) -> int:

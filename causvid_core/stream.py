@@ -23,10 +23,11 @@ Shapes: B batch, C latent channels, f frames in a chunk, h x w latent grid, 3 x 
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -117,6 +118,15 @@ class CausalStream:
         self._blend: Optional[tuple[Tensor, Tensor, int]] = None  # (from, to, chunks done)
         self.history: deque[Tensor] = deque()  # clean latent chunks the cache holds, oldest first
         self._image_latent: Optional[Tensor] = None  # i2v with a chunk-multiple layout: frame 0 to hold
+
+    def clone(self) -> "CausalStream":
+        """An independent copy of this stream's state (cache, position, prompt, history, decoder):
+        advancing the copy never changes this one. Model, VAE and text encoder are shared."""
+        new = copy.copy(self)
+        new.cache = self.cache.clone()
+        new.history = deque(self.history)
+        new.decoder = self.decoder.clone() if self.decoder is not None else None
+        return new
 
     # -- conditioning --------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Tensor) -> Tensor:
@@ -245,8 +255,10 @@ class CausalStream:
         return self.noise(chunk_index, INIT_NOISE_STEP, (self.batch, self.channels, frames, h, w))
 
     @torch.no_grad()
-    def step(self, v2v_latents: Optional[Tensor] = None, strength: float = 1.0) -> Chunk:
-        """Make the next chunk. v2v_latents [B, C, f, h, w]: restyle these latents at `strength` instead."""
+    def step(self, v2v_latents: Optional[Tensor] = None, strength: float = 1.0,
+             callback: Optional[Callable[[int], None]] = None) -> Chunk:
+        """Make the next chunk. v2v_latents [B, C, f, h, w]: restyle these latents at `strength` instead.
+        callback(i) runs after each denoising step (progress bars, interruption)."""
         self._require_prompt()
         t0 = time.perf_counter()
         ci, s = self.chunk_index, self.frame
@@ -263,7 +275,7 @@ class CausalStream:
             x = self.grid.add_noise(v2v_latents.to(x), x, torch.tensor([steps[0]]))
         fixed = self._image_latent if s == 0 else None
         x0 = denoise_chunk(self.model, x, ctx, steps, self.grid, cache=self.cache, start_frame=s,
-                           chunk_index=ci, noise_fn=self.noise, fixed=fixed)
+                           chunk_index=ci, noise_fn=self.noise, fixed=fixed, callback=callback)
         self._write_clean(x0, s, ctx)  # the t = 0 refresh: the cache holds the clean chunk
         self._remember(x0)
         self._image_latent = None if s == 0 else self._image_latent

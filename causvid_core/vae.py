@@ -14,6 +14,7 @@ Shapes: B batch, T pixel frames, H x W pixels, F latent frames, h x w latent gri
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -154,6 +155,14 @@ class _Stream:
     def reset(self) -> None:
         self.cache.reset()
         self.chunks, self._key = 0, None
+
+    def clone(self):
+        """An independent copy of the stream position (slots are replaced, never written in place, so
+        copying the slot list is enough)."""
+        new = copy.copy(self)
+        new.cache = FeatureCache(len(self.cache.slots))
+        new.cache.slots = list(self.cache.slots)
+        return new
 
     @property
     def nbytes(self) -> int:

@@ -239,3 +239,17 @@ def test_video_extension_continues_the_clip():
     with pytest.raises(ValueError, match="ask for more"):
         list(generate_chunks(comps, GenerationRequest(prompts=[PromptEvent(0, A)], frames=9, height=32, width=32,
                                                       extend=clip)))
+
+
+def test_a_clone_is_independent_and_continues_identically():
+    comps = tiny_components()
+    s = _stream(comps, max_frames=12)
+    s.set_prompt(A)
+    s.step()
+    snapshot = s.clone()
+    k0, frame0 = s.cache.k.clone(), s.frame
+    a = [s.step() for _ in range(2)]
+    assert torch.equal(snapshot.cache.k, k0) and snapshot.frame == frame0  # untouched by s advancing
+    b = [snapshot.step() for _ in range(2)]
+    for x, y in zip(a, b):
+        assert torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames)

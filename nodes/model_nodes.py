@@ -1,0 +1,78 @@
+"""LoadCausalModel and CausalTextEncode."""
+from __future__ import annotations
+
+import torch
+
+from ..causvid_core.checkpoints import load_dit
+from ..causvid_core.pipeline import BUILTIN_FILES, Components, builtin_available, load_components, stream_defaults_of
+from . import host
+from .types import CausalModel, require, to_conditioning
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CATEGORY = "causvid/stream"
+
+
+class LoadCausalModel:
+    DESCRIPTION = ("A causal Wan DiT for streaming: the built-in Shapes World model (runs on a CPU, nothing to "
+                   "download), or a Wan2.1 / CausVid / Self-Forcing / LongLive file from models/diffusion_models.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CAUSAL_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": ([host.BUILTIN_NAME] + host.model_files(),),
+            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: float32 on CPU, bfloat16 on GPU"}),
+            "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
+                                         "tooltip": "latent frames per chunk; 0 = the model's own (3)"}),
+            "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                      "tooltip": "rolling KV window in latent frames for endless streams; 0 = keep all"}),
+            "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64,
+                                    "tooltip": "first frames never evicted from the window (LongLive: 3)"}),
+        }}
+
+    def load(self, model_name, dtype, frames_per_chunk, window_frames, sink_frames):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dt = DTYPES[dtype] or (torch.bfloat16 if device == "cuda" else torch.float32)
+        if model_name == host.BUILTIN_NAME:
+            if not builtin_available():
+                raise FileNotFoundError("the built-in model files are missing from causvid_core/builtin/ "
+                                        f"({', '.join(BUILTIN_FILES.values())}); reinstall the pack")
+            comps = load_components(device=device, dtype=dt)
+        else:
+            path = host.model_path(model_name)
+            try:  # an exported checkpoint brings its VAE and text encoder along
+                comps = load_components(path, device=device, dtype=dt)
+            except Exception:
+                comps = Components(load_dit(path, dtype=dt, device=device), None, None, stream_defaults_of(path), path)
+        settings = dict(comps.stream_defaults)
+        if frames_per_chunk:
+            settings["chunk_frames"] = frames_per_chunk
+        if window_frames:
+            settings.update(window_frames=window_frames, sink_frames=sink_frames)
+        return (CausalModel(comps, settings, model_name),)
+
+
+class CausalTextEncode:
+    DESCRIPTION = ("Text to CONDITIONING with the model's own text encoder (the built-in model). For real Wan "
+                   "models use ComfyUI's CLIPTextEncode with the umT5 text encoder instead.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("CAUSAL_MODEL",),
+                             "text": ("STRING", {"multiline": True,
+                                                 "default": "a red circle moving right on a black background"})}}
+
+    def encode(self, model, text):
+        model = require(model, CausalModel, "model", "connect LoadCausalModel")
+        enc = model.components.text_encoder
+        if enc is None:
+            raise ValueError("this model has no text encoder of its own: use CLIPTextEncode with a Wan umT5 "
+                             "text encoder (models/text_encoders) instead")
+        with torch.no_grad():
+            return (to_conditioning(enc.encode([text]).cpu()),)

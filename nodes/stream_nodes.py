@@ -1,0 +1,218 @@
+"""CausalKVState, StreamChunkSampler, CausalImageToVideo, PromptSchedule: a stream as a chain of nodes.
+
+Chaining N StreamChunkSamplers equals one sampler of N chunks exactly: noise comes from (seed, chunk,
+step), and each node advances a clone of its input state."""
+from __future__ import annotations
+
+import torch
+
+from ..causvid_core.flow import STEP_PRESETS, step_preset
+from ..causvid_core.generate import latent_frames
+from ..causvid_core.schedule import SWITCH_MODES, PromptEvent, ScheduleError, parse_schedule, snap_schedule
+from ..causvid_core.stream import CausalStream, StreamSettings
+from ..causvid_core.video_io import to_uint8
+from . import host
+from .types import (CausalModel, PromptScheduleValue, StreamState, causal_vae_from_comfy, conditioning_tensor,
+                    images_to_video, latent_out, require, video_to_images)
+
+CATEGORY = "causvid/stream"
+MODEL_DEFAULT = "model default"
+
+
+class CausalKVState:
+    DESCRIPTION = ("A fresh stream: size, length (or endless with the model's rolling window), seed. "
+                   "Connect ComfyUI's Wan VAE to decode with it; otherwise the model's own VAE is used.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CAUSAL_KV_STATE",)
+    RETURN_NAMES = ("state",)
+    FUNCTION = "create"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("CAUSAL_MODEL",),
+            "width": ("INT", {"default": 64, "min": 16, "max": 4096, "step": 16}),
+            "height": ("INT", {"default": 64, "min": 16, "max": 4096, "step": 16}),
+            "length": ("INT", {"default": 81, "min": 0, "max": 100001, "step": 4,
+                               "tooltip": "pixel frames, 4k+1 (81 = 5 s); 0 = endless (needs a window)"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+        }, "optional": {"vae": ("VAE",)}}
+
+    def create(self, model, width, height, length, seed, vae=None):
+        model = require(model, CausalModel, "model", "connect LoadCausalModel")
+        causal_vae = causal_vae_from_comfy(vae) if vae is not None else model.components.vae
+        if causal_vae is None:
+            raise ValueError("this model has no VAE of its own: connect ComfyUI's VAELoader with wan_2.1_vae.safetensors")
+        fields = dict(model.settings, seed=seed)
+        if length:
+            fields["max_frames"] = latent_frames(length, causal_vae.config.time_factor)
+        elif not fields.get("window_frames"):
+            raise ValueError("length 0 means an endless stream: set window_frames on LoadCausalModel (e.g. 12)")
+        sf = causal_vae.config.space_factor
+        mult = sf * model.model.config.patch_size[1]
+        if width % mult or height % mult:
+            raise ValueError(f"width and height must be multiples of {mult}, got {width}x{height}")
+        settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+        device = next(model.model.parameters()).device
+        stream = CausalStream(model.model, settings, latent_hw=(height // sf, width // sf), vae=causal_vae,
+                              text_encoder=model.components.text_encoder, device=device)
+        return (StreamState(stream, model),)
+
+
+class CausalImageToVideo:
+    DESCRIPTION = "Start a fresh stream from an image (its first frame): the video begins with it."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CAUSAL_KV_STATE",)
+    RETURN_NAMES = ("state",)
+    FUNCTION = "seed_image"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"state": ("CAUSAL_KV_STATE",), "image": ("IMAGE",)}}
+
+    def seed_image(self, state, image):
+        state = require(state, StreamState, "state", "connect CausalKVState")
+        if state.stream.frame != 0:
+            raise ValueError("image-to-video needs a fresh state (straight from CausalKVState)")
+        H, W = state.stream.latent_hw
+        sf = state.stream.vae.config.space_factor
+        if tuple(image.shape[1:3]) != (H * sf, W * sf):
+            raise ValueError(f"the image is {image.shape[2]}x{image.shape[1]}, the stream {W * sf}x{H * sf}: "
+                             "resize it (ImageScale) or change the state's size")
+        return (state.advanced(state.stream, pending_image=images_to_video(image[:1])[:, :, 0]),)
+
+
+class PromptSchedule:
+    DESCRIPTION = ("Prompts that change over time: one line per change, 'FRAME: prompt' in pixel frames (16 per "
+                   "second), snapped to chunk starts. cut: new text at once; recache: re-encode the recent frames "
+                   "under the new text (LongLive); blend: move between the texts over blend_chunks chunks.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PROMPT_SCHEDULE",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "schedule": ("STRING", {"multiline": True, "default":
+                                    "0: a red circle moving right on a black background\n"
+                                    "45: a blue circle moving right on a black background"}),
+            "mode": (list(SWITCH_MODES), {"default": "recache"}),
+            "blend_chunks": ("INT", {"default": 2, "min": 1, "max": 64}),
+        }, "optional": {"clip": ("CLIP",), "model": ("CAUSAL_MODEL",)}}
+
+    def build(self, schedule, mode, blend_chunks, clip=None, model=None):
+        events = parse_schedule(schedule)
+        if clip is not None:
+            def encode(text):
+                return clip.encode_from_tokens(clip.tokenize(text))
+        elif model is not None:
+            enc = require(model, CausalModel, "model", "connect LoadCausalModel").components.text_encoder
+            if enc is None:
+                raise ValueError("this model has no text encoder of its own: connect a CLIP (Wan umT5) instead")
+
+            def encode(text):
+                with torch.no_grad():
+                    return enc.encode([text]).cpu()
+        else:
+            raise ValueError("connect a CLIP (ComfyUI's Wan umT5 text encoder) or the CAUSAL_MODEL "
+                             "(its built-in text encoder) to encode the prompts")
+        return (PromptScheduleValue(tuple((e.frame, e.prompt, encode(e.prompt)) for e in events), mode, blend_chunks),)
+
+
+class StreamChunkSampler:
+    DESCRIPTION = ("Advance a stream by N chunks (3 latent frames = 12 video frames each) with a few-step causal "
+                   "sampler; outputs the new state, these chunks' LATENT and their decoded frames.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CAUSAL_KV_STATE", "LATENT", "IMAGE")
+    RETURN_NAMES = ("state", "latent", "images")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "state": ("CAUSAL_KV_STATE",),
+            "chunks": ("INT", {"default": 3, "min": 1, "max": 100000}),
+            "steps": ([MODEL_DEFAULT] + sorted(STEP_PRESETS), {"default": MODEL_DEFAULT}),
+        }, "optional": {"conditioning": ("CONDITIONING",), "prompt_schedule": ("PROMPT_SCHEDULE",)}}
+
+    def sample(self, state, chunks, steps, conditioning=None, prompt_schedule=None):
+        state = require(state, StreamState, "state", "connect CausalKVState or another StreamChunkSampler")
+        stream = state.stream.clone()  # never advance the input: ComfyUI caches and shares it
+        if steps != MODEL_DEFAULT:
+            shift, ts = step_preset(steps)
+            from dataclasses import replace
+            stream.settings = replace(stream.settings, steps=tuple(ts), shift=shift)
+            from ..causvid_core.flow import FlowGrid
+            stream.grid = FlowGrid(shift)
+        plan = _prompt_plan(stream, chunks, conditioning, prompt_schedule)
+        settings = stream.settings
+        if settings.window_frames is None:
+            remaining = -(-(settings.max_frames - stream.frame) // settings.chunk_frames)
+            if remaining <= 0:
+                raise ValueError(f"the stream is complete ({settings.max_frames} latent frames); "
+                                 "start a new CausalKVState or raise its length")
+            chunks = min(chunks, remaining)
+        progress = host.Progress(chunks * len(settings.steps))
+        latents, frames = [], []
+        pending = state.pending_image
+        for i in range(chunks):
+            if stream.chunk_index in plan:
+                text_or_cond, mode = plan[stream.chunk_index]
+                stream.set_prompt(text_or_cond, mode)
+            if pending is not None:
+                first = stream.start_from_image(pending.to(stream.device))
+                pending = None
+                if first is not None:
+                    latents.append(first.latents)
+                    frames.append(first.frames)
+            chunk = stream.step(callback=lambda _i: (host.check_interrupt(), progress.step()))
+            latents.append(chunk.latents)
+            frames.append(chunk.frames)
+            progress.preview(to_uint8(chunk.frames)[-1])
+        lat = torch.cat(latents, dim=2)
+        video = torch.cat(frames, dim=2)
+        return (state.advanced(stream, pending_image=None), latent_out(lat, stream.vae), video_to_images(video))
+
+
+def _prompt_plan(stream: CausalStream, chunks: int, conditioning, schedule) -> dict:
+    """{chunk index: (conditioning, mode)} for the chunks this node makes."""
+    if schedule is not None:
+        schedule = require(schedule, PromptScheduleValue, "prompt_schedule", "connect PromptSchedule")
+        stream.settings = _with_blend(stream.settings, schedule.blend_chunks)
+        last = stream.chunk_index + chunks
+        layout = [stream.settings.chunk_size(i) for i in range(last + 1)]
+        events = [PromptEvent(f, str(i)) for i, (f, _, _) in enumerate(schedule.events)]
+        by_chunk, notices = snap_schedule(events, layout, stream.vae.config.time_factor)
+        for n in notices:
+            print(f"[causvid] {n}")
+        plan = {}
+        # the prompt in force at this node's first chunk, then every switch inside its range
+        start = stream.chunk_index
+        current = max((c for c in by_chunk if c <= start), default=0)
+        plan[start] = (schedule.events[int(by_chunk[current])][2], "cut" if stream.context is None else schedule.mode)
+        for c, idx in by_chunk.items():
+            if start < c < last:
+                plan[c] = (schedule.events[int(idx)][2], schedule.mode)
+        if stream.context is not None and current < start and _same(stream.context, plan[start][0]):
+            del plan[start]  # continuing under the same prompt: nothing to switch
+        return plan
+    if conditioning is None:
+        if stream.context is None:
+            raise ValueError("connect a conditioning (CLIPTextEncode / CausalTextEncode) or a prompt_schedule")
+        return {}
+    cond = conditioning_tensor(conditioning)
+    if stream.context is not None and _same(stream.context, cond):
+        return {}
+    return {stream.chunk_index: (cond, "cut")}
+
+
+def _same(context: torch.Tensor, cond: torch.Tensor) -> bool:
+    c = cond.to(context.device, context.dtype)
+    if c.shape[0] == 1 and context.shape[0] > 1:
+        c = c.expand(context.shape[0], -1, -1)
+    return c.shape == context.shape and torch.equal(c, context)
+
+
+def _with_blend(settings: StreamSettings, blend_chunks: int) -> StreamSettings:
+    from dataclasses import replace
+    return replace(settings, blend_chunks=blend_chunks)

@@ -1,0 +1,161 @@
+"""VideoToVideoStream, CausalGenerate (one node), CausalDecodeStream, SaveCausalVideo (MP4 via PyAV)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..causvid_core.flow import STEP_PRESETS, step_preset
+from ..causvid_core.generate import latent_frames
+from ..causvid_core.vae import StreamingDecoder, StreamingEncoder
+from ..causvid_core.video_io import Mp4Writer, to_uint8
+from . import host
+from .stream_nodes import MODEL_DEFAULT, CausalKVState, StreamChunkSampler
+from .types import (CausalModel, causal_vae_from_comfy, images_to_video, latent_in, latent_out, require,
+                    to_conditioning, video_to_images)
+
+CATEGORY = "causvid/stream"
+
+
+class VideoToVideoStream:
+    DESCRIPTION = ("Restyle a video chunk by chunk: each input chunk is encoded by the streaming VAE encoder, "
+                   "noised to `strength` and denoised under the prompt. Frames come out as they are made.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("images", "latent")
+    FUNCTION = "restyle"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("CAUSAL_MODEL",),
+            "images": ("IMAGE",),
+            "conditioning": ("CONDITIONING",),
+            "strength": ("FLOAT", {"default": 0.6, "min": 0.05, "max": 1.0, "step": 0.05,
+                                   "tooltip": "1 ignores the input; lower keeps more of it"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ([MODEL_DEFAULT] + sorted(STEP_PRESETS), {"default": MODEL_DEFAULT}),
+        }, "optional": {"vae": ("VAE",)}}
+
+    def restyle(self, model, images, conditioning, strength, seed, steps, vae=None):
+        model = require(model, CausalModel, "model", "connect LoadCausalModel")
+        T, H, W = images.shape[0], images.shape[1], images.shape[2]
+        if (T - 1) % 4:
+            raise ValueError(f"video-to-video needs 4k+1 frames (…, 33, 81), got {T}: trim the input "
+                             f"to {4 * ((T - 1) // 4) + 1} frames")
+        (state,) = CausalKVState().create(model, W, H, T, seed, vae)
+        stream = state.stream.clone()
+        if steps != MODEL_DEFAULT:
+            from dataclasses import replace
+            from ..causvid_core.flow import FlowGrid
+            shift, ts = step_preset(steps)
+            stream.settings, stream.grid = replace(stream.settings, steps=tuple(ts), shift=shift), FlowGrid(shift)
+        from .types import conditioning_tensor
+        stream.set_prompt(conditioning_tensor(conditioning))
+        encoder = StreamingEncoder(stream.vae)
+        video = images_to_video(images).to(stream.device)
+        tf = stream.vae.config.time_factor
+        F = latent_frames(T, tf)
+        n_chunks = -(-F // stream.settings.chunk_frames)
+        progress = host.Progress(n_chunks * (sum(1 for t in stream.settings.steps if t < 1000 * strength) + 1))
+        lat, out, pix = [], [], 0
+        while stream.frame < F:
+            f = min(stream.settings.chunk_size(stream.chunk_index), F - stream.frame)
+            n_pix = 1 + tf * (f - 1) if stream.frame == 0 else tf * f
+            z = encoder.encode(video[:, :, pix:pix + n_pix])
+            chunk = stream.step(v2v_latents=z, strength=strength,
+                                callback=lambda _i: (host.check_interrupt(), progress.step()))
+            lat.append(chunk.latents)
+            out.append(chunk.frames)
+            progress.preview(to_uint8(chunk.frames)[-1])
+            pix += n_pix
+        return video_to_images(torch.cat(out, 2)), latent_out(torch.cat(lat, 2), stream.vae)
+
+
+class CausalGenerate:
+    DESCRIPTION = "Text to video in one node: a fresh stream run to the end (the simple graph)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("images", "latent")
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("CAUSAL_MODEL",),
+            "conditioning": ("CONDITIONING",),
+            "width": ("INT", {"default": 64, "min": 16, "max": 4096, "step": 16}),
+            "height": ("INT", {"default": 64, "min": 16, "max": 4096, "step": 16}),
+            "length": ("INT", {"default": 33, "min": 1, "max": 100001, "step": 4}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ([MODEL_DEFAULT] + sorted(STEP_PRESETS), {"default": MODEL_DEFAULT}),
+        }, "optional": {"vae": ("VAE",)}}
+
+    def generate(self, model, conditioning, width, height, length, seed, steps, vae=None):
+        (state,) = CausalKVState().create(model, width, height, length, seed, vae)
+        _, latent, images = StreamChunkSampler().sample(state, 100000, steps, conditioning=conditioning)
+        return images, latent
+
+
+class CausalDecodeStream:
+    DESCRIPTION = "Decode a LATENT chunk by chunk with the streaming VAE decoder (flat memory for long videos)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latent": ("LATENT",),
+                             "latents_per_chunk": ("INT", {"default": 3, "min": 1, "max": 64})},
+                "optional": {"model": ("CAUSAL_MODEL",), "vae": ("VAE",)}}
+
+    def decode(self, latent, latents_per_chunk, model=None, vae=None):
+        if vae is not None:
+            causal_vae = causal_vae_from_comfy(vae)
+        elif model is not None and require(model, CausalModel, "model", "connect LoadCausalModel").components.vae:
+            causal_vae = model.components.vae
+        else:
+            raise ValueError("connect ComfyUI's Wan VAE or a CAUSAL_MODEL that has its own VAE")
+        z = latent_in(latent, causal_vae)
+        dec = StreamingDecoder(causal_vae)
+        n = z.shape[2]
+        progress = host.Progress(-(-n // latents_per_chunk))
+        out = []
+        for s in range(0, n, latents_per_chunk):
+            host.check_interrupt()
+            out.append(dec.decode(z[:, :, s:s + latents_per_chunk]))
+            progress.step()
+        return (video_to_images(torch.cat(out, 2)),)
+
+
+class SaveCausalVideo:
+    DESCRIPTION = "Save frames as an H.264 MP4 (PyAV) in ComfyUI's output folder, for ComfyUI versions without native video saving."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",),
+                             "fps": ("INT", {"default": 16, "min": 1, "max": 120}),
+                             "filename_prefix": ("STRING", {"default": "causvid"})}}
+
+    def save(self, images, fps, filename_prefix):
+        out_dir = Path(host.output_directory())
+        sub = os.path.dirname(filename_prefix)
+        prefix = os.path.basename(filename_prefix) or "causvid"
+        folder = (out_dir / sub).resolve()
+        if out_dir.resolve() not in (folder, *folder.parents):
+            raise ValueError(f"filename_prefix {filename_prefix!r} points outside the output folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        n = 1 + max([int(p.stem.rsplit("_", 1)[-1]) for p in folder.glob(f"{prefix}_*.mp4")
+                     if p.stem.rsplit("_", 1)[-1].isdigit()] or [0])
+        name = f"{prefix}_{n:05d}.mp4"
+        frames = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        with Mp4Writer(folder / name, fps=fps) as w:
+            w.write(frames)
+        item = {"filename": name, "subfolder": sub, "type": "output", "format": "video/mp4",
+                "frames": int(frames.shape[0]), "fps": fps}
+        return {"ui": {"causvid_videos": [item]}, "result": ()}

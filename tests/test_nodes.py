@@ -1,0 +1,248 @@
+"""Every node function, with ComfyUI's few host modules (folder_paths, comfy.utils,
+comfy.model_management) stubbed: state semantics, chaining, schedules, I2V, V2V, saving, interruption."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from causvid_core.checkpoints import save_dit
+from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
+from causvid_core.vae import random_vae, save_vae
+from conftest import ROOT, tiny_model
+
+A = "a red circle moving right on a black background"
+B = "a blue square moving up on a gray background"
+
+
+class Host:
+    """Stand-ins for the host: a models folder, an output folder, a progress bar that records."""
+
+    def __init__(self, models: Path, output: Path):
+        self.models, self.output = models, output
+        self.updates: list = []
+        self.interrupt_after: int | None = None
+        self.checks = 0
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    base = tmp_path_factory.mktemp("host")
+    host = Host(base / "diffusion_models", base / "output")
+    host.models.mkdir()
+    host.output.mkdir()
+    torch.manual_seed(0)
+    save_dit(tiny_model(), host.models / "tiny_student.safetensors")
+    save_vae(random_vae("wan-tiny"), host.models / "vae.safetensors")
+    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval(), host.models / "text.safetensors")
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_filename_list = lambda f: sorted(p.name for p in host.models.glob("*.safetensors")) \
+        if f == "diffusion_models" else []
+    folder_paths.get_full_path = lambda f, n: str(host.models / n) if f == "diffusion_models" and (host.models / n).exists() else None
+    folder_paths.get_output_directory = lambda: str(host.output)
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    mm = types.ModuleType("comfy.model_management")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            host.updates.append((value, total, preview))
+
+    def interrupted():
+        host.checks += 1
+        if host.interrupt_after is not None and host.checks > host.interrupt_after:
+            raise InterruptedError("Processing interrupted")
+
+    utils.ProgressBar = ProgressBar
+    mm.throw_exception_if_processing_interrupted = interrupted
+    comfy.utils, comfy.model_management = utils, mm
+    saved = {k: sys.modules.get(k) for k in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management")}
+    sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
+                        "comfy.model_management": mm})
+    spec = importlib.util.spec_from_file_location("causvid_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["causvid_pack"] = module
+    spec.loader.exec_module(module)
+    yield module, host
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+def _model(pack, **kw):
+    m, _ = pack
+    args = dict(model_name="tiny_student.safetensors", dtype="auto", frames_per_chunk=0, window_frames=0, sink_frames=0)
+    args.update(kw)
+    return m.NODE_CLASS_MAPPINGS["LoadCausalModel"]().load(**args)[0]
+
+
+def _cond(pack, model, text=A):
+    m, _ = pack
+    return m.NODE_CLASS_MAPPINGS["CausalTextEncode"]().encode(model, text)[0]
+
+
+def _state(pack, model, length=33, seed=0, size=32):
+    m, _ = pack
+    return m.NODE_CLASS_MAPPINGS["CausalKVState"]().create(model, size, size, length, seed)[0]
+
+
+def _sample(pack, state, chunks, **kw):
+    m, _ = pack
+    return m.NODE_CLASS_MAPPINGS["StreamChunkSampler"]().sample(state, chunks, "model default", **kw)
+
+
+def test_every_node_is_registered_and_well_formed(pack):
+    m, _ = pack
+    assert set(m.NODE_CLASS_MAPPINGS) == {"LoadCausalModel", "CausalTextEncode", "CausalKVState", "CausalImageToVideo",
+                                          "PromptSchedule", "StreamChunkSampler", "VideoToVideoStream",
+                                          "CausalGenerate", "CausalDecodeStream", "SaveCausalVideo"}
+    assert m.WEB_DIRECTORY == "./js"
+    for name, cls in m.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        assert "required" in spec and hasattr(cls, cls.FUNCTION) and cls.CATEGORY.startswith("causvid")
+        assert name in m.NODE_DISPLAY_NAME_MAPPINGS and cls.DESCRIPTION
+    assert "tiny_student.safetensors" in m.NODE_CLASS_MAPPINGS["LoadCausalModel"].INPUT_TYPES()["required"]["model_name"][0]
+
+
+def test_load_model_brings_its_vae_and_text_encoder(pack):
+    model = _model(pack, window_frames=6, sink_frames=3)
+    assert model.components.vae is not None and model.components.text_encoder is not None
+    assert model.settings["window_frames"] == 6 and model.settings["sink_frames"] == 3
+    cond = _cond(pack, model)
+    assert cond[0][0].shape == (1, 8, 24)
+
+
+def test_chained_samplers_equal_one_sampler_and_never_mutate_their_input(pack):
+    model = _model(pack)
+    cond = _cond(pack, model)
+    state = _state(pack, model)
+    frame0, k0 = state.stream.frame, state.stream.cache.k.clone()
+    s1, lat1, img1 = _sample(pack, state, 1, conditioning=cond)
+    s2, lat2, img2 = _sample(pack, s1, 2, conditioning=cond)
+    assert state.stream.frame == frame0 and torch.equal(state.stream.cache.k, k0)  # input untouched
+    assert s1.stream.frame == 3 and s2.stream.frame == 9
+    _, lat_all, img_all = _sample(pack, state, 3, conditioning=cond)
+    assert torch.equal(torch.cat([lat1["samples"], lat2["samples"]], 2), lat_all["samples"])
+    assert torch.equal(torch.cat([img1, img2], 0), img_all)
+    assert img_all.shape == (33, 32, 32, 3) and 0 <= img_all.min() and img_all.max() <= 1
+    _, lat_again, _ = _sample(pack, s1, 2, conditioning=cond)  # re-running a chunk reproduces it
+    assert torch.equal(lat_again["samples"], lat2["samples"])
+    with pytest.raises(ValueError, match="complete"):
+        _sample(pack, s2, 1, conditioning=cond)
+
+
+def test_progress_counts_steps_and_previews_each_chunk(pack):
+    _, host = pack
+    model = _model(pack)
+    host.updates.clear()
+    _sample(pack, _state(pack, model), 2, conditioning=_cond(pack, model))
+    steps = len(model.components.stream_defaults.get("steps", [1000.0, 937.5, 833.3, 625.0]))
+    counted = [u for u in host.updates if u[2] is None]
+    previews = [u for u in host.updates if u[2] is not None]
+    assert [u[0] for u in counted] == list(range(1, 2 * steps + 1)) and counted[-1][1] == 2 * steps
+    assert len(previews) == 2 and previews[0][2][0] == "JPEG"
+
+
+def test_interruption_leaves_the_state_consistent(pack):
+    _, host = pack
+    model = _model(pack)
+    cond = _cond(pack, model)
+    state = _state(pack, model)
+    s1, _, _ = _sample(pack, state, 1, conditioning=cond)
+    k1 = s1.stream.cache.k.clone()
+    host.checks, host.interrupt_after = 0, 2
+    with pytest.raises(InterruptedError):
+        _sample(pack, s1, 2, conditioning=cond)
+    host.interrupt_after = None
+    assert torch.equal(s1.stream.cache.k, k1) and s1.stream.frame == 3
+    _, lat_after, _ = _sample(pack, s1, 2, conditioning=cond)
+    _, lat_clean, _ = _sample(pack, _sample(pack, state, 1, conditioning=cond)[0], 2, conditioning=cond)
+    assert torch.equal(lat_after["samples"], lat_clean["samples"])
+
+
+def test_prompt_schedule_switches_at_the_right_chunk(pack):
+    m, _ = pack
+    model = _model(pack)
+    sched = m.NODE_CLASS_MAPPINGS["PromptSchedule"]().build(f"0: {A}\n21: {B}", "recache", 2, model=model)[0]
+    state = _state(pack, model)
+    s, _, _ = _sample(pack, state, 3, prompt_schedule=sched)
+    ctx_b = _cond(pack, model, B)[0][0]
+    assert torch.equal(s.stream.context, ctx_b)
+    s1, _, _ = _sample(pack, state, 2, prompt_schedule=sched)  # chunks 0-1 under A
+    assert torch.equal(s1.stream.context, _cond(pack, model, A)[0][0])
+    s2, lat2, _ = _sample(pack, s1, 1, prompt_schedule=sched)  # chunk 2 switches to B
+    _, lat_all, _ = _sample(pack, state, 3, prompt_schedule=sched)
+    assert torch.equal(lat2["samples"], lat_all["samples"][:, :, 6:])
+    with pytest.raises(ValueError, match="CLIP"):
+        m.NODE_CLASS_MAPPINGS["PromptSchedule"]().build(f"0: {A}", "cut", 2)
+
+
+def test_image_to_video_starts_from_the_image(pack):
+    m, _ = pack
+    model = _model(pack)
+    img = torch.rand(1, 32, 32, 3)
+    state = m.NODE_CLASS_MAPPINGS["CausalImageToVideo"]().seed_image(_state(pack, model), img)[0]
+    _, _, frames = _sample(pack, state, 3, conditioning=_cond(pack, model))
+    vae = model.components.vae
+    with torch.no_grad():
+        x = img.permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1
+        recon = ((vae.decode(vae.encode(x)) + 1) / 2)[0, :, 0].permute(1, 2, 0)
+    assert (frames[0] - recon).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="resize"):
+        m.NODE_CLASS_MAPPINGS["CausalImageToVideo"]().seed_image(_state(pack, model), torch.rand(1, 48, 32, 3))
+
+
+def test_video_to_video_generate_decode_and_save(pack):
+    m, host = pack
+    model = _model(pack)
+    cond = _cond(pack, model)
+    video = torch.rand(17, 32, 48, 3)
+    images, latent = m.NODE_CLASS_MAPPINGS["VideoToVideoStream"]().restyle(model, video, cond, 0.5, 0, "model default")
+    assert images.shape == video.shape
+    with pytest.raises(ValueError, match="4k\\+1"):
+        m.NODE_CLASS_MAPPINGS["VideoToVideoStream"]().restyle(model, video[:16], cond, 0.5, 0, "model default")
+    images, latent = m.NODE_CLASS_MAPPINGS["CausalGenerate"]().generate(model, cond, 32, 32, 33, 0, "causvid-3step")
+    assert images.shape == (33, 32, 32, 3)
+    (decoded,) = m.NODE_CLASS_MAPPINGS["CausalDecodeStream"]().decode(latent, 2, model=model)
+    assert (decoded - images).abs().max() < 1e-4  # LATENT round trip through raw VAE space
+    out = m.NODE_CLASS_MAPPINGS["SaveCausalVideo"]().save(images, 16, "clips/test")
+    item = out["ui"]["causvid_videos"][0]
+    from causvid_core.video_io import read_video
+    assert read_video(host.output / "clips" / item["filename"]).shape == (33, 32, 32, 3)
+    assert m.NODE_CLASS_MAPPINGS["SaveCausalVideo"]().save(images, 16, "clips/test")["ui"]["causvid_videos"][0][
+        "filename"] != item["filename"]
+    with pytest.raises(ValueError, match="outside"):
+        m.NODE_CLASS_MAPPINGS["SaveCausalVideo"]().save(images, 16, "../escape")
+
+
+def test_wrong_inputs_say_what_to_connect(pack):
+    model = _model(pack)
+    with pytest.raises(ValueError, match="connect CausalKVState"):
+        _sample(pack, "not a state", 1)
+    with pytest.raises(ValueError, match="conditioning"):
+        _sample(pack, _state(pack, model), 1)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        _state(pack, model, size=40)
+    with pytest.raises(ValueError, match="window"):
+        _state(pack, model, length=0)
+    with pytest.raises(ValueError, match="text-encode"):
+        _sample(pack, _state(pack, model), 1, conditioning="a red circle")
+
+
+def test_endless_state_with_a_window(pack):
+    model = _model(pack, window_frames=6, sink_frames=3)
+    state = _state(pack, model, length=0)
+    s, _, img = _sample(pack, state, 5, conditioning=_cond(pack, model))
+    assert s.stream.frame == 15 and s.stream.cache.frames == 6 and img.shape[0] == 9 + 4 * 12
