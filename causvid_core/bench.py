@@ -130,7 +130,7 @@ def bench_stream(seconds: float = 600.0, model_path: Optional[str] = None, size:
     comps, source = _stream_components(model_path)
     sf = comps.vae.config.space_factor
     fields = {**comps.stream_defaults, "window_frames": window_frames, "sink_frames": sink_frames, "max_frames": None}
-    settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+    settings = StreamSettings.from_fields(fields)
     prompt = "a red circle moving right on a black background"
     fps_video = 16
 

@@ -175,7 +175,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         fields = {**comps.stream_defaults, **_settings(args), "seed": args.seed}
         fields.setdefault("window_frames", fields.get("window_frames") or 12)
         fields.setdefault("sink_frames", 3)
-        settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+        settings = StreamSettings.from_fields(fields)
         stream = CausalStream(comps.model, settings, latent_hw=latent_size(comps, args.height or 64, args.width or 64),
                               vae=comps.vae, text_encoder=comps.text_encoder)
         layout_len = 1 + max(p.frame for p in prompts) // 4 + settings.chunk_frames

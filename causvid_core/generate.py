@@ -49,7 +49,7 @@ def make_stream(components: Components, req: GenerationRequest) -> CausalStream:
     fields = {**components.stream_defaults, **req.settings, "seed": req.seed}
     if fields.get("window_frames") is None:
         fields["max_frames"] = F
-    settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+    settings = StreamSettings.from_fields(fields)
     hw = latent_size(components, req.height, req.width)
     device = next(components.model.parameters()).device
     return CausalStream(components.model, settings, latent_hw=hw, vae=components.vae,

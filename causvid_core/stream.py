@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -63,6 +63,11 @@ class StreamSettings:
                              "(a rolling window for endless streams)")
         if not self.steps or list(self.steps) != sorted(self.steps, reverse=True):
             raise ValueError(f"steps must be a non-empty decreasing list of timesteps, got {list(self.steps)}")
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "StreamSettings":
+        """From a plain dict (a checkpoint's metadata, CLI or node options): lists become tuples."""
+        return cls(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
 
     @classmethod
     def from_preset(cls, name: str, **kw) -> "StreamSettings":
@@ -127,6 +132,12 @@ class CausalStream:
         new.history = deque(self.history)
         new.decoder = self.decoder.clone() if self.decoder is not None else None
         return new
+
+    def set_steps(self, preset: str) -> None:
+        """Use another step preset from the next chunk on (e.g. causvid-3step for speed)."""
+        shift, steps = step_preset(preset)
+        self.settings = replace(self.settings, steps=tuple(steps), shift=shift)
+        self.grid = FlowGrid(shift)
 
     # -- conditioning --------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Tensor) -> Tensor:

@@ -4,9 +4,11 @@ Chaining N StreamChunkSamplers equals one sampler of N chunks exactly: noise com
 step), and each node advances a clone of its input state."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ..causvid_core.flow import STEP_PRESETS, step_preset
+from ..causvid_core.flow import STEP_PRESETS
 from ..causvid_core.generate import latent_frames
 from ..causvid_core.schedule import SWITCH_MODES, PromptEvent, ScheduleError, parse_schedule, snap_schedule
 from ..causvid_core.stream import CausalStream, StreamSettings
@@ -52,7 +54,7 @@ class CausalKVState:
         mult = sf * model.model.config.patch_size[1]
         if width % mult or height % mult:
             raise ValueError(f"width and height must be multiples of {mult}, got {width}x{height}")
-        settings = StreamSettings(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+        settings = StreamSettings.from_fields(fields)
         device = next(model.model.parameters()).device
         stream = CausalStream(model.model, settings, latent_hw=(height // sf, width // sf), vae=causal_vae,
                               text_encoder=model.components.text_encoder, device=device)
@@ -139,11 +141,7 @@ class StreamChunkSampler:
         state = require(state, StreamState, "state", "connect CausalKVState or another StreamChunkSampler")
         stream = state.stream.clone()  # never advance the input: ComfyUI caches and shares it
         if steps != MODEL_DEFAULT:
-            shift, ts = step_preset(steps)
-            from dataclasses import replace
-            stream.settings = replace(stream.settings, steps=tuple(ts), shift=shift)
-            from ..causvid_core.flow import FlowGrid
-            stream.grid = FlowGrid(shift)
+            stream.set_steps(steps)
         plan = _prompt_plan(stream, chunks, conditioning, prompt_schedule)
         settings = stream.settings
         if settings.window_frames is None:
@@ -214,5 +212,4 @@ def _same(context: torch.Tensor, cond: torch.Tensor) -> bool:
 
 
 def _with_blend(settings: StreamSettings, blend_chunks: int) -> StreamSettings:
-    from dataclasses import replace
     return replace(settings, blend_chunks=blend_chunks)

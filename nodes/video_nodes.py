@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from ..causvid_core.flow import STEP_PRESETS, step_preset
+from ..causvid_core.flow import STEP_PRESETS
 from ..causvid_core.generate import latent_frames
 from ..causvid_core.vae import StreamingDecoder, StreamingEncoder
 from ..causvid_core.video_io import Mp4Writer, to_uint8
 from . import host
 from .stream_nodes import MODEL_DEFAULT, CausalKVState, StreamChunkSampler
-from .types import (CausalModel, causal_vae_from_comfy, images_to_video, latent_in, latent_out, require,
-                    to_conditioning, video_to_images)
+from .types import (CausalModel, causal_vae_from_comfy, conditioning_tensor, images_to_video, latent_in,
+                    latent_out, require, video_to_images)
 
 CATEGORY = "causvid/stream"
 
@@ -47,11 +47,7 @@ class VideoToVideoStream:
         (state,) = CausalKVState().create(model, W, H, T, seed, vae)
         stream = state.stream.clone()
         if steps != MODEL_DEFAULT:
-            from dataclasses import replace
-            from ..causvid_core.flow import FlowGrid
-            shift, ts = step_preset(steps)
-            stream.settings, stream.grid = replace(stream.settings, steps=tuple(ts), shift=shift), FlowGrid(shift)
-        from .types import conditioning_tensor
+            stream.set_steps(steps)
         stream.set_prompt(conditioning_tensor(conditioning))
         encoder = StreamingEncoder(stream.vae)
         video = images_to_video(images).to(stream.device)
