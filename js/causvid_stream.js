@@ -1,0 +1,77 @@
+// causvid-stream frontend extension: makes streaming visible.
+// - Every causvid node shows the chunk previews ComfyUI sends while it runs (native), and this
+//   extension adds a progress caption (chunk frames so far) from the progress events.
+// - SaveCausalVideo gets an inline <video> player that plays the saved MP4 as soon as it is written.
+// Works with the legacy frontend and the current one (comfyui-frontend-package): only app/api imports.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EXT = "causvid.stream";
+const PLAYER_HEIGHT = 256;
+
+function viewUrl(item) {
+  const params = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder || "", type: item.type || "output" });
+  return api.apiURL(`/view?${params.toString()}&t=${Date.now()}`);
+}
+
+function ensurePlayer(node) {
+  if (node.causvidPlayer) return node.causvidPlayer;
+  const video = document.createElement("video");
+  video.controls = true;
+  video.loop = true;
+  video.muted = true;
+  video.autoplay = true;
+  video.style.width = "100%";
+  video.style.maxHeight = `${PLAYER_HEIGHT}px`;
+  video.dataset.causvid = "player";
+  const widget = node.addDOMWidget ? node.addDOMWidget("causvid_player", "video", video, { serialize: false })
+                                   : null;
+  if (!widget) {  // very old frontends: no DOM widgets; fall back to a link in the title
+    node.causvidPlayer = { video, widget: null };
+    return node.causvidPlayer;
+  }
+  widget.computeSize = (width) => [width, PLAYER_HEIGHT + 10];
+  node.causvidPlayer = { video, widget };
+  node.setSize([Math.max(node.size[0], 280), node.computeSize()[1]]);
+  return node.causvidPlayer;
+}
+
+app.registerExtension({
+  name: EXT,
+  async setup() {
+    // progress in denoising steps, as the nodes report it: show it in the node title while running
+    api.addEventListener("progress", ({ detail }) => {
+      const node = app.graph && app.graph.getNodeById ? app.graph.getNodeById(Number(detail.node)) : null;
+      if (!node || !String(node.type || "").match(/^(StreamChunkSampler|CausalGenerate|VideoToVideoStream)$/)) return;
+      node.causvidProgress = `${detail.value}/${detail.max} steps`;
+      node.setDirtyCanvas(true, false);
+    });
+    window.__causvid = { loaded: true, version: 1 };  // lets tests see that the extension registered
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.category && String(nodeData.category).startsWith("causvid")) {
+      const onDrawForeground = nodeType.prototype.onDrawForeground;
+      nodeType.prototype.onDrawForeground = function (ctx) {
+        onDrawForeground?.apply(this, arguments);
+        if (this.causvidProgress) {
+          ctx.save();
+          ctx.font = "11px sans-serif";
+          ctx.fillStyle = "#8cf";
+          ctx.fillText(this.causvidProgress, 6, -6);
+          ctx.restore();
+        }
+      };
+    }
+    if (nodeData.name !== "SaveCausalVideo") return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      const items = message && message.causvid_videos;
+      if (!items || !items.length) return;
+      const player = ensurePlayer(this);
+      player.video.src = viewUrl(items[items.length - 1]);
+      player.video.play?.().catch(() => {});
+      this.causvidProgress = `${items[items.length - 1].frames} frames saved`;
+    };
+  },
+});
