@@ -289,7 +289,8 @@ class CausalStream:
                            chunk_index=ci, noise_fn=self.noise, fixed=fixed, callback=callback)
         self._write_clean(x0, s, ctx)  # the t = 0 refresh: the cache holds the clean chunk
         self._remember(x0)
-        self._image_latent = None if s == 0 else self._image_latent
+        if fixed is not None:
+            self._image_latent = None  # used by the first chunk only
         frames = self._decode(x0)
         self.frame, self.chunk_index = s + f, ci + 1
         return Chunk(ci, s, x0, frames, self.prompt, seconds=time.perf_counter() - t0)

@@ -4,6 +4,7 @@ it was trained for in the metadata, beside the VAE and text encoder it belongs w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None, source: str = "dmd
                  {META_STREAM: json.dumps(stream_settings(cfg)), "causvid.trained": json.dumps(
                      {"preset": cfg.name, "source": source})})
         for part, name in (("vae", "vae.safetensors"), ("text", "text.safetensors")):
-            shutil.copyfile(require(root, part), root / name)
+            tmp = root / (name + ".tmp")
+            shutil.copyfile(require(root, part), tmp)
+            os.replace(tmp, root / name)  # atomic: never a half-copied file under the final name
     r.finish(student=str(root / "student.safetensors"), vae=str(root / "vae.safetensors"),
              text=str(root / "text.safetensors"), source=source)
