@@ -163,11 +163,16 @@ class KVCache:
         s = self._slots
         T = self.tokens_per_frame
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # Training through the cache (Self-Forcing): attend to the cached past, which carries no
-            # gradient, and this chunk's own K/V without writing them; the t = 0 refresh writes the slots.
+            # Training through the cache (Self-Forcing): the attended window is built from the cached
+            # past (no gradient into it) and this chunk's own K/V (with gradient), as a new tensor; the
+            # buffer gets a detached copy, so later chunks see this one and backward never reads the
+            # buffer, which later calls overwrite in place.
             past = s.local_start * T
-            return (torch.cat([self.k[layer, :, :, :past], k.to(self.k.dtype)], dim=2),
-                    torch.cat([self.v[layer, :, :, :past], v.to(self.v.dtype)], dim=2))
+            kw = torch.cat([self.k[layer, :, :, :past], k.to(self.k.dtype)], dim=2)
+            vw = torch.cat([self.v[layer, :, :, :past], v.to(self.v.dtype)], dim=2)
+            self.k[layer, :, :, s.local_start * T: s.local_end * T] = k.detach()
+            self.v[layer, :, :, s.local_start * T: s.local_end * T] = v.detach()
+            return kw, vw
         self.k[layer, :, :, s.local_start * T: s.local_end * T] = k
         self.v[layer, :, :, s.local_start * T: s.local_end * T] = v
         return self.k[layer, :, :, : s.local_end * T], self.v[layer, :, :, : s.local_end * T]

@@ -17,7 +17,8 @@ def model_files() -> list[str]:
             names += folder_paths.get_filename_list(folder)
         except Exception:  # older ComfyUI without "diffusion_models", or no such folder
             continue
-    return sorted(set(names))
+    parts = ("vae.safetensors", "text.safetensors")  # an exported model's companions, not models
+    return sorted(n for n in set(names) if n.rsplit("/", 1)[-1] not in parts)
 
 
 def model_path(name: str) -> str:

