@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$CAUSVID_ROOT"
-exec "$CAUSVID_PY" -m pytest -q "$@"
+exec "$CAUSVID_PY" -m pytest -q tests "$@"
