@@ -39,6 +39,9 @@ class VAEStage(LoopConfig):
     clip_frames: int = 9  # short clips: the VAE is causal and local in time
     kl_weight: float = 1e-6
     stats_clips: int = 64  # clips encoded to measure the latent mean/std
+    fg_weight: float = 10.0  # extra loss weight on the object's pixels (it covers only 2-12% of a frame)
+    sample_latent: bool = False  # decode mu + sigma * eps instead of mu (slow: sigma starts at 1)
+    warmup: int = 50  # linear lr warm-up steps (at most a tenth of the steps)
 
 
 @dataclass
@@ -159,7 +162,7 @@ def shapes() -> TrainConfig:
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048),
-        vae=VAEStage(preset="shapes", steps=2000, batch=4, lr=1e-3, clip_frames=5, log_every=20, ckpt_every=200,
+        vae=VAEStage(preset="shapes", steps=1500, batch=8, lr=2e-3, clip_frames=5, log_every=20, ckpt_every=200,
                      stats_clips=128),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
