@@ -1,4 +1,4 @@
-"""`causvid`: generate, stream, parity, bench, info."""
+"""`causvid`: generate, stream, eval, parity, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -206,6 +206,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoints import CheckpointError
+    from .eval_run import evaluate_model
+    from .pipeline import load_components
+
+    try:
+        comps = None if args.ground_truth else load_components(args.model, args.vae, args.text_encoder)
+    except CheckpointError as exc:
+        print(f"causvid eval: {exc}", file=sys.stderr)
+        return 2
+    result = evaluate_model(comps, n_in=args.n, n_held=args.held_out, frames=args.frames, streams=args.streams,
+                            stream_chunks=args.stream_chunks, ground_truth=args.ground_truth, out=args.out)
+    s = result["summary"]
+    line = {g: {"n": s[g]["n"], "all_four": s[g]["accuracy"].get("all_four")} for g in ("in_distribution", "held_out")}
+    print(json.dumps({"eval": line, "speed": result["speed"], "report": str(args.out)}))
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="the text prompt")
     p.add_argument("--schedule", help="a prompt schedule file: lines 'FRAME: prompt'")
@@ -245,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out-dir", required=True, help="folder for chunk_00000.mp4, chunk_00001.mp4, ...")
     st.add_argument("--seconds", type=float, help="stop after this many seconds of video (default: until Ctrl-C)")
     st.set_defaults(func=cmd_stream)
+
+    ev = sub.add_parser("eval", help="generate Shapes World clips and judge them from pixels (JSON, markdown, PNG)")
+    ev.add_argument("--out", required=True, help="report folder")
+    ev.add_argument("--model")
+    ev.add_argument("--vae")
+    ev.add_argument("--text-encoder")
+    ev.add_argument("--n", type=int, default=24, help="in-distribution clips")
+    ev.add_argument("--held-out", type=int, default=12, help="held-out colour-shape clips")
+    ev.add_argument("--frames", type=int, default=33)
+    ev.add_argument("--streams", type=int, default=2, help="long streams for the drift curve")
+    ev.add_argument("--stream-chunks", type=int, default=40)
+    ev.add_argument("--ground-truth", action="store_true", help="score the renderer itself (sanity check)")
+    ev.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("parity", help="reproduce the reference implementations' outputs stored in a parity file")
     q.add_argument("file", help="NAME.json (NAME.safetensors must lie beside it)")

@@ -232,16 +232,18 @@ def plot_accuracy(summary: dict, path, backend: str = "auto",
 
 
 def write_report(folder, summary: dict, drift: dict | None = None, *, clips: list | None = None,
-                 backend: str = "auto", name: str = "eval") -> dict[str, Path]:
+                 backend: str = "auto", name: str = "eval", extra: dict | None = None) -> dict[str, Path]:
     """Write {name}.json (summary, drift, optional per-clip results), {name}.md, and the PNGs
     {name}_accuracy.png and, with drift, {name}_drift.png into folder. Returns the paths by kind."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / f"{name}.json", "markdown": folder / f"{name}.md",
              "accuracy_png": folder / f"{name}_accuracy.png"}
-    doc = dict(world_version=world.WORLD_VERSION, summary=summary, drift=drift, clips=clips)
+    doc = dict(world_version=world.WORLD_VERSION, summary=summary, drift=drift, clips=clips, **(extra or {}))
     paths["json"].write_text(json.dumps(doc, indent=1, allow_nan=False))
     md = f"# Shapes World {world.WORLD_VERSION} evaluation\n\n" + markdown_table(summary, drift)
+    for key, value in (extra or {}).items():  # run settings, speed, ...: one line each
+        md += f"\n{key}: `{json.dumps(value)}`\n"
     paths["markdown"].write_text(md)
     plot_accuracy(summary, paths["accuracy_png"], backend)
     if drift and drift.get("curves"):

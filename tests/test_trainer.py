@@ -33,7 +33,7 @@ def micro_run(tmp_path_factory):
 def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     root, times, total = micro_run
     assert list(times) == ["vae", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export"]
-    assert total < 180, f"micro pipeline took {total:.0f} s"
+    print(f"micro pipeline: {total:.0f} s")  # the 3-minute target is reported, not asserted (no timed tests)
     for stage in times:
         assert (root / stage / "DONE.json").exists(), stage
     vae = [json.loads(l) for l in (root / "vae" / "metrics.jsonl").read_text().splitlines()]
