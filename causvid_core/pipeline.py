@@ -65,17 +65,28 @@ def read_checkpoint_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
+def load_text(path: Path, device: torch.device | str = "cpu", text_len: int = 512):
+    """Our word encoder (safetensors with causvid metadata), else umT5-XXL for real Wan models: a Wan
+    .pth, a ComfyUI umt5 safetensors or a Wan2.1 model folder (tokenizer found beside or embedded)."""
+    from .text import load_text_encoder
+
+    if path.suffix == ".safetensors" and read_checkpoint_metadata(path).get("causvid.kind") == "text":
+        return load_text_encoder(path, device=device)
+    from .umt5 import load_umt5_text_encoder
+    return load_umt5_text_encoder(path, text_len=text_len, device=device)
+
+
 def load_components(model: Optional[str | os.PathLike] = None, vae: Optional[str | os.PathLike] = None,
                     text_encoder: Optional[str | os.PathLike] = None, *, device: torch.device | str = "cpu",
                     dtype: Optional[torch.dtype] = None) -> Components:
-    from .text import load_text_encoder
     from .vae import load_vae
 
     model_path = _resolve(model, "model")
     dit = load_dit(model_path, dtype=dtype, device=device)
     beside = model_path if model is not None else None
     vae_model = load_vae(_resolve(vae, "vae", beside), device=device)
-    text = load_text_encoder(_resolve(text_encoder, "text_encoder", beside), device=device)
+    text = load_text(_resolve(text_encoder, "text_encoder", beside), device=device,
+                     text_len=dit.config.text_len)
     if text.text_dim != dit.config.text_dim:
         raise CheckpointError(f"the text encoder gives {text.text_dim}-dim embeddings, the model expects "
                               f"text_dim={dit.config.text_dim}: they do not belong together")

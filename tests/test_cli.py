@@ -103,3 +103,16 @@ def test_info_recognises_a_checkpoint(files):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["layout"] == "safetensors" and info["config"]["dim"] == 64 and info["params"] > 0
+
+
+def test_a_non_builtin_text_encoder_is_read_as_umt5(files, tmp_path):
+    # a file that is not our word encoder goes to the umT5 loader, whose errors say what is wrong
+    torch.save({"token_embedding.weight": torch.zeros(4, 4)}, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    args = list(files)
+    i = args.index("--text-encoder") + 1
+    args[i] = str(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    r = causvid("generate", *args, "--prompt", "x", "--out", tmp_path / "x.mp4", "--quiet")
+    assert r.returncode == 2 and "umt5 config" in r.stderr.lower(), r.stderr
+    args[i] = str(tmp_path / "missing_folder")
+    r = causvid("generate", *args, "--prompt", "x", "--out", tmp_path / "x.mp4", "--quiet")
+    assert r.returncode == 2 and "download" in r.stderr and "umt5" in r.stderr.lower(), r.stderr
