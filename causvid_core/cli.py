@@ -163,7 +163,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     import time
 
     from .checkpoints import CheckpointError
-    from .generate import GenerationRequest, latent_size
+    from .generate import latent_size
     from .pipeline import load_components
     from .schedule import ScheduleError, snap_schedule
     from .stream import CausalStream, StreamSettings
@@ -173,8 +173,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         comps = load_components(args.model, args.vae, args.text_encoder)
         prompts = _prompts(args)
         fields = {**comps.stream_defaults, **_settings(args), "seed": args.seed}
-        fields.setdefault("window_frames", fields.get("window_frames") or 12)
-        fields.setdefault("sink_frames", 3)
+        if not fields.get("window_frames"):  # an endless stream needs a rolling window: LongLive's 12 + 3 sinks
+            fields["window_frames"] = 12
+            fields.setdefault("sink_frames", 3)
         settings = StreamSettings.from_fields(fields)
         stream = CausalStream(comps.model, settings, latent_hw=latent_size(comps, args.height or 64, args.width or 64),
                               vae=comps.vae, text_encoder=comps.text_encoder)
