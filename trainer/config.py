@@ -162,8 +162,9 @@ def shapes() -> TrainConfig:
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048),
-        # 9 frames = 3 latents: with 5-frame clips (2 latents) the VAE never sees its caches in steady
-        # state and breaks from the third latent on (measured: fine on frames 0-4, wrong after)
+        # Not final: the VAE reconstructs only as many frames as its training clips have (5-frame clips:
+        # frames 0-4 right, later ones wrong; 9-frame clips: 0-8 right, 16+ wrong), because its causal
+        # convs see further back than a clip. It needs a burn-in of history before the loss (issue 6).
         vae=VAEStage(preset="shapes", steps=2500, batch=8, lr=2e-3, clip_frames=9, log_every=20, ckpt_every=200,
                      stats_clips=128),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
