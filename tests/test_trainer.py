@@ -188,3 +188,16 @@ def test_presets_and_overrides():
             apply_overrides(micro(), [bad])
     with pytest.raises(ValueError, match="unknown training preset"):
         preset("huge")
+
+
+def test_vae_burn_in_reconstructs_the_same_frames_as_the_whole_clip():
+    """Training after a no-gradient history computes exactly the whole clip's later frames."""
+    from causvid_core.vae import random_vae
+    from trainer.stages.vae import reconstruct
+    vae = random_vae("wan-tiny", seed=1)
+    x = torch.rand(1, 3, 13, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        whole, _, _ = reconstruct(vae, x)
+    tail, mu, _ = reconstruct(vae, x, history=4)
+    assert tail.shape[2] == 8 and mu.shape[2] == 2 and tail.requires_grad
+    assert (tail.detach() - whole[:, :, 5:]).abs().max() < 1e-5

@@ -42,6 +42,7 @@ class VAEStage(LoopConfig):
     fg_weight: float = 10.0  # extra loss weight on the object's pixels (it covers only 2-12% of a frame)
     sample_latent: bool = False  # decode mu + sigma * eps instead of mu (slow: sigma starts at 1)
     warmup: int = 50  # linear lr warm-up steps (at most a tenth of the steps)
+    burn_in_frames: int = 0  # up to this many frames of history (no gradient) before the reconstructed ones
 
 
 @dataclass
@@ -143,7 +144,8 @@ def micro() -> TrainConfig:
     return TrainConfig(
         name="micro",
         data=DataConfig(clip_frames=9, num_clips=32),
-        vae=VAEStage(preset="wan-tiny", steps=30, batch=4, lr=2e-3, clip_frames=5, log_every=5, ckpt_every=10,
+        vae=VAEStage(preset="wan-tiny", steps=30, batch=4, lr=2e-3, clip_frames=5, burn_in_frames=4, log_every=5,
+                     ckpt_every=10,
                      stats_clips=8),
         text=TextStage(steps=30, batch=16, lr=3e-3, text_dim=16, text_len=12, num_layers=1, num_heads=2, ffn_dim=32,
                        log_every=5, ckpt_every=10),
@@ -162,10 +164,10 @@ def shapes() -> TrainConfig:
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048),
-        # Not final: the VAE reconstructs only as many frames as its training clips have (5-frame clips:
-        # frames 0-4 right, later ones wrong; 9-frame clips: 0-8 right, 16+ wrong), because its causal
-        # convs see further back than a clip. It needs a burn-in of history before the loss (issue 6).
-        vae=VAEStage(preset="shapes", steps=2500, batch=8, lr=2e-3, clip_frames=9, log_every=20, ckpt_every=200,
+        # burn-in: the VAE's causal convs see further back than a 9-frame clip; without a random history
+        # before the loss it reconstructs only the first 9 frames of a long video (trainer/stages/vae.py)
+        vae=VAEStage(preset="shapes", steps=2500, batch=8, lr=2e-3, clip_frames=9, burn_in_frames=32,
+                     log_every=20, ckpt_every=200,
                      stats_clips=128),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
