@@ -31,6 +31,7 @@ function ensurePlayer(node) {
     return node.causvidPlayer;
   }
   widget.computeSize = (width) => [width, PLAYER_HEIGHT + 10];
+  widget.computedHeight = PLAYER_HEIGHT + 10;  // the legacy frontend draws a DOM widget this high (50 px when unset)
   node.causvidPlayer = { video, widget };
   node.setSize([Math.max(node.size[0], 280), node.computeSize()[1]]);
   return node.causvidPlayer;
