@@ -54,11 +54,14 @@ app.registerExtension({
       const onDrawForeground = nodeType.prototype.onDrawForeground;
       nodeType.prototype.onDrawForeground = function (ctx) {
         onDrawForeground?.apply(this, arguments);
-        if (this.causvidProgress) {
+        if (this.causvidProgress && !this.flags?.collapsed) {
+          // right-aligned in the title bar, clear of the title text (both frontends draw nothing there)
+          const titleHeight = (window.LiteGraph && window.LiteGraph.NODE_TITLE_HEIGHT) || 30;
           ctx.save();
           ctx.font = "11px sans-serif";
           ctx.fillStyle = "#8cf";
-          ctx.fillText(this.causvidProgress, 6, -6);
+          ctx.textAlign = "right";
+          ctx.fillText(this.causvidProgress, this.size[0] - 8, -titleHeight / 2 + 4);
           ctx.restore();
         }
       };
