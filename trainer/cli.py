@@ -2,6 +2,7 @@
 
     causvid-train pipeline --preset micro --out runs/micro
     causvid-train teacher --preset shapes --out runs/shapes --set teacher.steps=4000
+    causvid-train ablation --preset shapes --out runs/shapes   # the DMD variants of the paper's Table 4
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
 
@@ -14,7 +15,7 @@ from typing import Optional, Sequence
 
 from .config import PRESETS, apply_overrides, preset
 
-STAGE_NAMES = ("vae", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline")
+STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -25,6 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override a config field, e.g. --set dmd.steps=200")
     p.add_argument("--stages", help="pipeline: comma list of stages to run (default: all)")
+    p.add_argument("--variants", help="ablation: comma list of variants (default: all)")
     args = p.parse_args(argv)
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
@@ -32,7 +34,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
     from .pipeline import run_pipeline, run_stage
-    if args.stage == "pipeline":
+    if args.stage == "ablation":
+        from .ablation import run_ablation
+        try:
+            run_ablation(cfg, args.out, args.variants.split(",") if args.variants else None)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"causvid-train: {exc}", file=sys.stderr)
+            return 2
+    elif args.stage == "pipeline":
         run_pipeline(cfg, args.out, stages=args.stages.split(",") if args.stages else None)
     else:
         run_stage(args.stage, cfg, args.out)

@@ -1,4 +1,4 @@
-"""All stages in order, each resumable and skipped once done: vae, text, teacher, causal-teacher,
+"""All stages in order, each resumable and skipped once done: vae, vae-decoder (optional), text, teacher, causal-teacher,
 ode-pairs, ode-init, dmd, export."""
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .stages import causal_teacher, dmd, export, ode_init, ode_pairs, teacher, text, vae
+from .stages import causal_teacher, dmd, export, ode_init, ode_pairs, teacher, text, vae, vae_decoder
 
 STAGES = {
     "vae": vae.run,
+    "vae-decoder": vae_decoder.run,
     "text": text.run,
     "teacher": teacher.run,
     "causal-teacher": causal_teacher.run,

@@ -13,6 +13,7 @@ from ..config import TrainConfig
 
 STAGE_OUTPUTS = {
     "vae": ("vae", "vae.safetensors"),
+    "vae-decoder": ("vae-decoder", "vae.safetensors"),
     "text": ("text", "text.safetensors"),
     "teacher": ("teacher", "teacher.safetensors"),
     "causal-teacher": ("causal-teacher", "causal_teacher.safetensors"),
