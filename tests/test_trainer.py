@@ -32,7 +32,7 @@ def micro_run(tmp_path_factory):
 
 def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     root, times, total = micro_run
-    assert list(times) == ["vae", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export"]
+    assert list(times) == ["vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export"]
     print(f"micro pipeline: {total:.0f} s")  # the 3-minute target is reported, not asserted (no timed tests)
     for stage in times:
         assert (root / stage / "DONE.json").exists(), stage
@@ -40,6 +40,7 @@ def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     assert vae[-1]["psnr"] > vae[0]["psnr"] + 3, "the VAE did not learn"
     text = [json.loads(l) for l in (root / "text" / "metrics.jsonl").read_text().splitlines()]
     assert text[-1]["loss"] < text[0]["loss"]
+    _assert_decoder_fine_tune_kept_the_encoder(root)
     pairs = json.loads((root / "ode-pairs" / "DONE.json").read_text())
     assert pairs["timesteps"] == [1000.0, 937.5, 833.3333129882812, 625.0, 0.0]
     student = load_dit(root / "student.safetensors")
@@ -51,6 +52,58 @@ def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     assert r.returncode == 0, r.stderr
     from causvid_core.video_io import read_video
     assert read_video(out).shape == (33, 64, 64, 3)
+
+
+def _assert_decoder_fine_tune_kept_the_encoder(root: Path) -> None:
+    """vae-decoder: encoder weights (hence every latent the DiT trained on) identical, decoder changed,
+    and the exported VAE is the fine-tuned one."""
+    from causvid_core.vae import load_vae
+    base, tuned = load_vae(root / "vae" / "vae.safetensors"), load_vae(root / "vae-decoder" / "vae.safetensors")
+    exported = load_vae(root / "vae.safetensors")
+    for name, p in base.state_dict().items():
+        same = torch.equal(p, tuned.state_dict()[name])
+        if name.startswith(("encoder.", "conv1.")):
+            assert same, name
+    assert not all(torch.equal(p, tuned.state_dict()[f"decoder.{n}"]) for n, p in base.decoder.state_dict().items())
+    assert all(torch.equal(p, exported.state_dict()[n]) for n, p in tuned.state_dict().items())
+    assert base.config.latent_mean == tuned.config.latent_mean
+
+
+def test_decoder_lr_warms_up_then_decays_to_zero():
+    from trainer.stages.vae_decoder import lr_at
+    lrs = [lr_at(s, 100, 1e-3, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-6
+
+
+def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16_builtin(micro_run, tmp_path):
+    from causvid_core.pipeline import load_components
+    from trainer.ablation import VARIANTS, run_ablation
+    from trainer.config import apply_overrides
+    from trainer.publish import publish
+    src = micro_run[0]
+    root = tmp_path / "r"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("ablation"))
+    cfg = apply_overrides(micro(), ["dmd.steps=2", "dmd.gen_every=1"])
+    out = run_ablation(cfg, root, log=lambda m: None)
+    assert set(out) == set(VARIANTS)
+    for name, path in out.items():
+        done = json.loads((path.parent / "DONE.json").read_text())
+        assert {k: done[k] for k in VARIANTS[name]} == VARIANTS[name]
+        assert (path.parent.parent / "teacher").is_symlink()  # shared, not retrained
+        assert not torch.equal(load_dit(path).blocks[0].ffn[0].weight, load_dit(root / "dmd" / "student.safetensors").blocks[0].ffn[0].weight)
+    sizes = publish(root, tmp_path / "builtin")
+    assert set(sizes) == {"student.safetensors", "vae.safetensors", "text.safetensors", "teacher.safetensors"}
+    assert next(load_dit(tmp_path / "builtin" / "student.safetensors").parameters()).dtype == torch.float16
+    comps = load_components(tmp_path / "builtin" / "student.safetensors")
+    assert next(comps.model.parameters()).dtype == torch.float32  # upcast on CPU
+    assert next(comps.vae.parameters()).dtype == torch.float32
+    assert comps.stream_defaults == load_components(root / "student.safetensors").stream_defaults
+    ref = load_dit(root / "student.safetensors")
+    for n, p in ref.state_dict().items():
+        assert torch.allclose(p, comps.model.state_dict()[n], rtol=1e-3, atol=1e-4), n
+    prov = json.loads((tmp_path / "builtin" / "PROVENANCE.json").read_text())
+    assert set(prov["files"]) == set(sizes) and "dmd" in prov["stages"]
 
 
 def _copy_prereqs(src: Path, dst: Path) -> None:

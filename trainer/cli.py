@@ -3,6 +3,8 @@
     causvid-train pipeline --preset micro --out runs/micro
     causvid-train teacher --preset shapes --out runs/shapes --set teacher.steps=4000
     causvid-train ablation --preset shapes --out runs/shapes   # the DMD variants of the paper's Table 4
+    causvid-train results --preset shapes --out runs/shapes    # regenerate docs/RESULTS.md from the run
+    causvid-train publish --preset shapes --out runs/shapes    # the run -> causvid_core/builtin/ (float16)
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
 
@@ -10,12 +12,14 @@ Every stage resumes from its last checkpoint when rerun with the same --out."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional, Sequence
 
 from .config import PRESETS, apply_overrides, preset
 
-STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation")
+STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation", "publish",
+               "results")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,6 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="override a config field, e.g. --set dmd.steps=200")
     p.add_argument("--stages", help="pipeline: comma list of stages to run (default: all)")
     p.add_argument("--variants", help="ablation: comma list of variants (default: all)")
+    p.add_argument("--doc", help="results: the markdown file to write (default: docs/RESULTS.md of this checkout); "
+                                 "plots and results.json go to results/ beside it")
+    p.add_argument("--quick", action="store_true", help="results: a few prompts and short streams (tests)")
+    p.add_argument("--dest", help="publish: destination folder (default: causvid_core/builtin/)")
     args = p.parse_args(argv)
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
@@ -34,10 +42,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
     from .pipeline import run_pipeline, run_stage
-    if args.stage == "ablation":
+    if args.stage == "publish":
+        from .publish import publish
+        try:
+            sizes = publish(args.out, args.dest) if args.dest else publish(args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"causvid-train: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"published": sizes, "total_mb": round(sum(sizes.values()) / 2**20, 2)}))
+    elif args.stage == "ablation":
         from .ablation import run_ablation
         try:
             run_ablation(cfg, args.out, args.variants.split(",") if args.variants else None)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"causvid-train: {exc}", file=sys.stderr)
+            return 2
+    elif args.stage == "results":
+        from .results import run_results
+        try:
+            run_results(cfg, args.out, args.doc, quick=args.quick)
         except (FileNotFoundError, ValueError) as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2

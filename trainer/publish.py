@@ -1,0 +1,77 @@
+"""Publish a finished run as the pack's built-in model: `causvid_core/builtin/` gets the exported
+student, its VAE and text encoder (and the bidirectional teacher, for the teacher-vs-student results),
+the DiT and VAE weights in float16 so the whole set stays small enough for git (load_components
+upcasts to float32 on CPU), plus PROVENANCE.json (run config, stage results, file hashes).
+
+    causvid-train publish --preset shapes --out runs/shapes
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.pipeline import BUILTIN_DIR, BUILTIN_FILES, read_checkpoint_metadata
+from causvid_core.text import load_text_encoder, save_text_encoder
+from causvid_core.vae import load_vae, save_vae
+
+from .run import atomic_write_text
+from .stages.common import require
+
+MAX_BYTES = 20 * 2**20  # everything committed for the built-in model (DEVELOPERS.md: under 20 MB)
+TEACHER_FILE = "teacher.safetensors"
+STORED_DTYPE = torch.float16
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _stage_results(root: Path) -> dict:
+    out = {}
+    for done in sorted(root.glob("*/DONE.json")):
+        info = json.loads(done.read_text())
+        out[done.parent.name] = {k: v for k, v in info.items() if k not in ("latent_mean", "latent_std")}
+    return out
+
+
+def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = True) -> dict[str, int]:
+    """Write the built-in files into dest; returns their sizes. Refuses a set over MAX_BYTES."""
+    root, dest = Path(root), Path(dest)
+    student_src = root / BUILTIN_FILES["model"]
+    if not (root / "export" / "DONE.json").exists() or not student_src.exists():
+        raise FileNotFoundError(f"{root}: no exported student; run `causvid-train pipeline` (its export stage) first")
+    dest.mkdir(parents=True, exist_ok=True)
+    meta = read_checkpoint_metadata(student_src)
+    keep = {k: v for k, v in meta.items() if k.startswith("causvid.") and k not in ("causvid.config", "causvid.kind",
+                                                                                    "causvid.format")}
+    save_dit(load_dit(student_src).to(STORED_DTYPE), dest / BUILTIN_FILES["model"], keep)
+    save_vae(load_vae(root / BUILTIN_FILES["vae"]).to(STORED_DTYPE), dest / BUILTIN_FILES["vae"])
+    save_text_encoder(load_text_encoder(root / BUILTIN_FILES["text_encoder"]), dest / BUILTIN_FILES["text_encoder"])
+    files = list(BUILTIN_FILES.values())
+    if teacher:
+        save_dit(load_dit(require(root, "teacher")).to(STORED_DTYPE), dest / TEACHER_FILE)
+        files.append(TEACHER_FILE)
+    sizes = {f: (dest / f).stat().st_size for f in files}
+    if sum(sizes.values()) > MAX_BYTES:
+        raise ValueError(f"the built-in files take {sum(sizes.values()) / 2**20:.1f} MB, over the "
+                         f"{MAX_BYTES / 2**20:.0f} MB budget: publish without the teacher or train a smaller model")
+    provenance = {"run": str(root), "commit": _git_commit(), "stored_dtype": str(STORED_DTYPE).replace("torch.", ""),
+                  "files": {f: {"bytes": sizes[f], "sha256": _sha256(dest / f)} for f in files},
+                  "config": json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else None,
+                  "stages": _stage_results(root)}
+    atomic_write_text(dest / "PROVENANCE.json", json.dumps(provenance, indent=2) + "\n")
+    return sizes
