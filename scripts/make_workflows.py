@@ -2,6 +2,10 @@
 generated from it: workflows/api/NAME.json (for /prompt clients) and workflows/NAME.json (the UI
 format ComfyUI's "Load" and template browser read: nodes, links, widgets_values).
 
+The graphs for real Wan models (WAN_WORKFLOWS) are written in the UI format only, to workflows/wan/NAME.json,
+each with a Note node naming the files to download: they cannot run until those files are in place, so
+they have no API twin and are not run by the tests (tests/test_workflows.py checks their graphs).
+
     python scripts/make_workflows.py          # rewrite the files
     python scripts/make_workflows.py --check  # exit 1 if the files differ from these definitions (tested)
 """
@@ -21,7 +25,8 @@ BLUE = "a blue circle moving right on a black background"
 
 
 def model(node_id="1", **kw):
-    return {node_id: {"class_type": "LoadCausalModel", "inputs": {"model_name": BUILTIN, "dtype": "auto",
+    return {node_id: {"class_type": "LoadCausalModel", "inputs": {
+            "model_name": kw.get("name", BUILTIN), "dtype": "auto",
             "frames_per_chunk": 0, "window_frames": kw.get("window", 0), "sink_frames": kw.get("sinks", 0)}}}
 
 
@@ -34,14 +39,17 @@ def save(node_id, images, prefix):
                                                                   "filename_prefix": f"causvid/{prefix}"}}}
 
 
-def state(node_id, length=33, seed=0, model_ref="1"):
-    return {node_id: {"class_type": "CausalKVState", "inputs": {"model": [model_ref, 0], "width": 64, "height": 64,
-                                                                "length": length, "seed": seed}}}
+def state(node_id, length=33, seed=0, model_ref="1", width=64, height=64, vae=None):
+    inputs = {"model": [model_ref, 0], "width": width, "height": height, "length": length, "seed": seed}
+    if vae is not None:
+        inputs["vae"] = vae
+    return {node_id: {"class_type": "CausalKVState", "inputs": inputs}}
 
 
-def sampler(node_id, state_ref, chunks, **cond):
+def sampler(node_id, state_ref, chunks, **more):
+    """more: conditioning= or prompt_schedule= (links), steps= (a preset name instead of the model's own)."""
     inputs = {"state": state_ref, "chunks": chunks, "steps": "model default"}
-    inputs.update(cond)
+    inputs.update(more)
     return {node_id: {"class_type": "StreamChunkSampler", "inputs": inputs}}
 
 
@@ -85,6 +93,127 @@ NOTES = {
     "image_to_video": "Copy workflows/assets/yellow_square_navy.png into ComfyUI's input/ folder first.",
 }
 
+# ---- real Wan2.1 models: UI only, in workflows/wan/ ------------------------------------------------------
+# Causal checkpoints distilled from Wan-AI/Wan2.1-T2V-1.3B, with ComfyUI's own Wan text encoder and VAE.
+WAN_W, WAN_H = 832, 480  # Wan2.1's 480p size (latent 104x60)
+SELF_FORCING = "self_forcing_dmd.pt"
+CAUSVID = "autoregressive_checkpoint/model.pt"  # tianweiy/CausVid's folder kept inside models/diffusion_models
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+FOX = ("A red fox trots through fresh snow in a quiet pine forest at dawn, its breath steaming in the cold air, "
+       "soft golden light between the trees, cinematic tracking shot, shallow depth of field")
+
+
+def clip_loader(node_id):
+    return {node_id: {"class_type": "CLIPLoader", "inputs": {"clip_name": UMT5, "type": "wan", "device": "default"}}}
+
+
+def clip_text(node_id, prompt, clip_ref):
+    return {node_id: {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": [clip_ref, 0]}}}
+
+
+def vae_loader(node_id):
+    return {node_id: {"class_type": "VAELoader", "inputs": {"vae_name": WAN_VAE}}}
+
+
+WAN_WORKFLOWS = {
+    # Self-Forcing text to video: 7 chunks of 3 latent frames = 81 frames (5 s), the length it was trained on
+    "self_forcing_t2v_stream": {**model(name=SELF_FORCING), **clip_loader("2"), **clip_text("3", FOX, "2"),
+                                **vae_loader("4"),
+                                **state("5", length=81, width=WAN_W, height=WAN_H, vae=["4", 0]),
+                                **sampler("6", ["5", 0], 7, conditioning=["3", 0], steps="self-forcing-4step"),
+                                **save("7", ["6", 2], "wan/self_forcing_t2v")},
+    # LongLive's recipe: rolling window of 12 latent frames with 3 sinks, endless stream, recache switches;
+    # 20 chunks = 237 frames; 81 and 165 are chunk starts (9 + 12k), so nothing is snapped
+    "prompt_schedule_longlive": {**model(name=SELF_FORCING, window=12, sinks=3), **clip_loader("2"),
+                                 **vae_loader("3"),
+                                 "4": {"class_type": "PromptSchedule", "inputs": {
+                                     "schedule": (f"0: {FOX}\n"
+                                                  "81: The red fox stops and looks up as heavy snow begins to fall, "
+                                                  "blue evening light in the pine forest, cinematic tracking shot\n"
+                                                  "165: The red fox curls up to sleep under a snow-covered pine at "
+                                                  "night, moonlight on the snow, slow push-in, cinematic\n"),
+                                     "mode": "recache", "blend_chunks": 2, "clip": ["2", 0]}},
+                                 **state("5", length=0, width=WAN_W, height=WAN_H, vae=["3", 0]),
+                                 **sampler("6", ["5", 0], 20, prompt_schedule=["4", 0], steps="self-forcing-4step"),
+                                 **save("7", ["6", 2], "wan/longlive_schedule")},
+    # CausVid image to video with its text-to-video model: the image is held clean as the first latent frame
+    "image_to_video_causvid": {**model(name=CAUSVID), **clip_loader("2"),
+                               **clip_text("3", "The scene comes to life: gentle natural motion, the camera slowly "
+                                                "pushes in, soft light, cinematic, high detail", "2"),
+                               **vae_loader("4"),
+                               "5": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+                               "6": {"class_type": "ImageScale", "inputs": {
+                                   "image": ["5", 0], "upscale_method": "lanczos", "width": WAN_W, "height": WAN_H,
+                                   "crop": "center"}},
+                               **state("7", length=81, width=WAN_W, height=WAN_H, vae=["4", 0]),
+                               "8": {"class_type": "CausalImageToVideo", "inputs": {"state": ["7", 0],
+                                                                                    "image": ["6", 0]}},
+                               **sampler("9", ["8", 0], 7, conditioning=["3", 0], steps="causvid-3step"),
+                               **save("10", ["9", 2], "wan/causvid_i2v")},
+}
+
+# What each Wan graph needs: (models/ folder, file, size, where to get it). Sizes from parameter counts
+# (shared/parity/wan_manifests.json: DiT 1,418,996,800, VAE 126,892,531 -> 254 MB in 16 bits; umT5-XXL encoder
+# by shared/reference's config: 1.05B embedding + 4.63B in the blocks -> 11.4 GB in fp16, 6.7 GB with the
+# blocks in fp8). The causal .pt files hold several copies of the DiT (shared/reference, section 5).
+WAN_FILES = {
+    SELF_FORCING: ("diffusion_models", SELF_FORCING,
+                   "several GB: the generator, its EMA and the critic, 1.4B parameters each; "
+                   "the EMA generator is used",
+                   "gdhe17/Self-Forcing on Hugging Face, file checkpoints/self_forcing_dmd.pt "
+                   "(code: guandeh17/Self-Forcing)"),
+    CAUSVID: ("diffusion_models", CAUSVID,
+              "several GB: the generator and the critic, 1.4B parameters each; the generator is used",
+              "tianweiy/CausVid on Hugging Face: keep its folder, i.e. "
+              "models/diffusion_models/autoregressive_checkpoint/model.pt"),
+    UMT5: ("text_encoders", UMT5, "about 6.7 GB",
+           "Comfy-Org/Wan_2.1_ComfyUI_repackaged, folder split_files/text_encoders; umt5_xxl_fp16.safetensors "
+           "(about 11 GB, same place) works too: pick it in CLIPLoader"),
+    WAN_VAE: ("vae", WAN_VAE, "about 250 MB", "Comfy-Org/Wan_2.1_ComfyUI_repackaged, folder split_files/vae"),
+}
+WAN_INTRO = {
+    "self_forcing_t2v_stream": (
+        "Self-Forcing text to video on Wan2.1 1.3B, streamed chunk by chunk: 832x480, 81 frames (5 s at 16 fps), "
+        "4 steps per chunk. Self-Forcing was trained on 81-frame clips; for longer streams see "
+        "prompt_schedule_longlive.json (rolling window). It likes long, detailed prompts."),
+    "prompt_schedule_longlive": (
+        "Prompts that change over time, LongLive style: a rolling KV window of 12 latent frames with 3 sink frames "
+        "(LoadCausalModel), an endless stream (length 0 on CausalKVState) and recache switches (the recent frames "
+        "are re-encoded under the new prompt). 20 chunks = 237 frames (15 s); the prompt changes at frames 81 and "
+        "165. Raise chunks for more.\n"
+        "It runs the Self-Forcing checkpoint. LongLive's own weights (Efficient-Large-Model/LongLive-1.3B: "
+        "models/longlive_base.pt plus models/lora.pt) are a base and a LoRA, and LoadCausalModel takes one file: "
+        "merge them once, with ComfyUI's Python, from this pack's folder (custom_nodes/causvid-stream), giving "
+        "the paths of the two files:\n"
+        "  python -c \"from causvid_core.checkpoints import load_dit, save_dit; "
+        "save_dit(load_dit('PATH/longlive_base.pt', lora='PATH/lora.pt'), 'longlive.safetensors')\"\n"
+        "then put longlive.safetensors in models/diffusion_models and pick it in LoadCausalModel."),
+    "image_to_video_causvid": (
+        "Image to video with CausVid: your image (scaled and center-cropped to 832x480 by ImageScale) becomes the "
+        "first latent frame, held clean while the first chunk is made, and the stream goes on from it; 81 frames, "
+        "3 steps per chunk. This uses CausVid's text-to-video model (1.3B). The Wan2.1 image-to-video models "
+        "(Wan-AI/Wan2.1-I2V-14B-480P) are not needed and do not run in these nodes (their extra image channels and "
+        "CLIP-vision input are not supported). self_forcing_dmd.pt works here too (steps: self-forcing-4step). "
+        "Pick your own image in LoadImage (example.png is ComfyUI's sample)."),
+}
+
+
+def wan_note(name: str, api: dict) -> str:
+    """The Note node's text: what the graph does, every file it names and where it goes, the GPU."""
+    named = [v for n in api.values() for k, v in n["inputs"].items() if k in ("model_name", "clip_name", "vae_name")]
+    lines = [WAN_INTRO[name], "", "FILES TO DOWNLOAD, into ComfyUI/models/:"]
+    for i, f in enumerate(named, 1):
+        folder, file, size, source = WAN_FILES[f]
+        lines += [f"{i}. {folder}/{file} ({size})", f"   from {source}"]
+    lines += ["These causal models are distilled from Wan-AI/Wan2.1-T2V-1.3B; Wan's own DiT is not needed here.",
+              "Restart ComfyUI (or refresh the page) so the loaders list the files; pick them there if the names "
+              "differ.",
+              "",
+              "NEEDS A GPU: a CUDA GPU, used automatically (bfloat16); Self-Forcing was tested on 24 GB cards. On a "
+              "CPU one video takes hours."]
+    return "\n".join(lines)
+
 
 def load_pack():
     """The pack's node classes (ComfyUI's host modules stubbed: only INPUT_TYPES is read)."""
@@ -102,7 +231,13 @@ def load_pack():
 CORE_NODES = {  # the ComfyUI core nodes the examples use: (inputs in order, widget inputs, outputs)
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "LoadImage": ([("image", "COMBO"), ("upload", "IMAGEUPLOAD")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "ImageScale": ([("image", "IMAGE"), ("upscale_method", "COMBO"), ("width", "INT"), ("height", "INT"),
+                    ("crop", "COMBO")], [("IMAGE", "IMAGE")]),
+    "CLIPLoader": ([("clip_name", "COMBO"), ("type", "COMBO"), ("device", "COMBO")], [("CLIP", "CLIP")]),
+    "CLIPTextEncode": ([("text", "STRING"), ("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "VAELoader": ([("vae_name", "COMBO")], [("VAE", "VAE")]),
 }
+NOTE_NODE = "Note"  # the frontend's text note: UI files only, never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -180,6 +315,20 @@ def to_ui(api: dict, pack: dict) -> dict:
             "groups": [], "config": {}, "extra": {"causvid": {"note": NOTES.get("", "")}}, "version": 0.4}
 
 
+def with_note(ui: dict, text: str) -> dict:
+    """A Note node across the top of the graph (the other nodes move down below it): read first."""
+    height = 40 + 22 * sum(1 + len(line) // 110 for line in text.splitlines())
+    for node in ui["nodes"]:
+        node["pos"][1] += height + 40
+    width = max(n["pos"][0] for n in ui["nodes"]) + 300 - 40
+    note_id = ui["last_node_id"] + 1
+    ui["nodes"].insert(0, {"id": note_id, "type": NOTE_NODE, "pos": [40, 40], "size": [width, height], "flags": {},
+                           "order": 0, "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+                           "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    ui["last_node_id"] = note_id
+    return ui
+
+
 def render_all(pack: dict) -> dict[Path, str]:
     files = {}
     for name, api in WORKFLOWS.items():
@@ -187,6 +336,10 @@ def render_all(pack: dict) -> dict[Path, str]:
         ui["extra"] = {"causvid": {"note": NOTES.get(name, "Runs on a CPU with only the built-in model.")}}
         files[ROOT / "workflows" / "api" / f"{name}.json"] = json.dumps(api, indent=2) + "\n"
         files[ROOT / "workflows" / f"{name}.json"] = json.dumps(ui, indent=2) + "\n"
+    for name, api in WAN_WORKFLOWS.items():
+        ui = with_note(to_ui(api, pack), wan_note(name, api))
+        ui["extra"] = {"causvid": {"note": "Real Wan2.1 models: download the files the Note names; needs a GPU."}}
+        files[ROOT / "workflows" / "wan" / f"{name}.json"] = json.dumps(ui, indent=2) + "\n"
     return files
 
 
