@@ -104,6 +104,13 @@ def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16
         assert torch.allclose(p, comps.model.state_dict()[n], rtol=1e-3, atol=1e-4), n
     prov = json.loads((tmp_path / "builtin" / "PROVENANCE.json").read_text())
     assert set(prov["files"]) == set(sizes) and "dmd" in prov["stages"]
+    from trainer.publish import restore
+    again = tmp_path / "again"
+    assert restore(again, tmp_path / "builtin") == ["vae", "vae-decoder", "text", "teacher"]
+    assert all((again / s / "DONE.json").exists() for s in ("vae", "vae-decoder", "text", "teacher"))
+    t0, t1 = load_dit(root / "teacher" / "teacher.safetensors"), load_dit(again / "teacher" / "teacher.safetensors")
+    assert next(t1.parameters()).dtype == torch.float32
+    assert all(torch.allclose(p, t1.state_dict()[n], rtol=1e-3, atol=1e-4) for n, p in t0.state_dict().items())
 
 
 def _copy_prereqs(src: Path, dst: Path) -> None:

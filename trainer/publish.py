@@ -75,3 +75,29 @@ def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = Tr
                   "stages": _stage_results(root)}
     atomic_write_text(dest / "PROVENANCE.json", json.dumps(provenance, indent=2) + "\n")
     return sizes
+
+
+def restore(root: str | Path, src: str | Path = BUILTIN_DIR) -> list[str]:
+    """The reverse, to continue training on another machine: the published VAE, text encoder and teacher
+    become the finished vae, vae-decoder, text and teacher stages of run folder `root` (float32, each with a
+    DONE.json), so `causvid-train pipeline` goes on from the causal teacher / ODE pairs. The published VAE
+    carries the VAE stage's encoder unchanged, so it stands in for both VAE stages."""
+    root, src = Path(root), Path(src)
+    teacher_src = src / TEACHER_FILE
+    if not teacher_src.exists():
+        raise FileNotFoundError(f"{src} has no {TEACHER_FILE}: it was published without the teacher")
+    writes = {"vae": lambda p: save_vae(load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32), p),
+              "vae-decoder": lambda p: save_vae(load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32), p),
+              "text": lambda p: save_text_encoder(load_text_encoder(src / BUILTIN_FILES["text_encoder"]), p),
+              "teacher": lambda p: save_dit(load_dit(teacher_src, dtype=torch.float32), p)}
+    from .stages.common import output
+    for stage, write in writes.items():
+        write(output(root, stage))
+        atomic_write_text(root / stage_folder(stage) / "DONE.json",
+                          json.dumps({"stage": stage, "model": str(output(root, stage)), "restored_from": str(src)}))
+    return list(writes)
+
+
+def stage_folder(stage: str) -> str:
+    from .stages.common import STAGE_OUTPUTS
+    return STAGE_OUTPUTS[stage][0]
