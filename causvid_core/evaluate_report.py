@@ -167,6 +167,32 @@ def _pil_accuracy(summary: dict, path: Path, title: str) -> None:
     img.save(path)
 
 
+def _pil_drift_compare(drifts: dict, keys: Sequence[str], path: Path, title: str) -> None:
+    pw, ph = 300, 190
+    img = Image.new("RGB", (len(keys) * (pw + 70) + 20, ph + 110 + 12 * len(drifts)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((20, 10), title, fill=(0, 0, 0), font=_font())
+    xs_all = [x for d in drifts.values() for x in d["curves"].get("start_frame", [])]
+    x_lo, x_hi = (min(xs_all), max(xs_all)) if xs_all else (0, 1)
+    for p, key in enumerate(keys):
+        left, top = 70 + p * (pw + 70), 50
+        fixed = (0.0, 1.0) if key in ACCURACY_KEYS or key in ("iou", "found_rate") else None
+        y_lo, y_hi = _range([v for d in drifts.values() for v in d["curves"].get(key, [])], fixed)
+        to_px = _axes(draw, (left, top, left + pw, top + ph), y_lo, y_hi, x_lo, x_hi,
+                      METRIC_LABELS.get(key, key.replace("_", " ")), "chunk start frame")
+        for j, drift in enumerate(drifts.values()):
+            c = drift["curves"]
+            pts = [to_px(x, y) for x, y in zip(c.get("start_frame", []), c.get(key, [])) if y is not None]
+            colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    for j, label in enumerate(drifts):
+        draw.text((70, 50 + ph + 40 + 12 * j), label, fill=LINE_COLOURS[j % len(LINE_COLOURS)], font=_font())
+    img.save(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # matplotlib (optional)
 
@@ -186,7 +212,8 @@ def _mpl_drift(curves: dict, path: Path, title: str) -> None:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("chunk start frame")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:  # a metric that is None in every chunk (no object found) has nothing to label
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -215,11 +242,44 @@ def _mpl_accuracy(summary: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _mpl_drift_compare(drifts: dict, keys: Sequence[str], path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(keys), 3.8))
+    axes = fig.subplots(1, len(keys), squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        for label, drift in drifts.items():
+            c = drift["curves"]
+            pts = [(x, y) for x, y in zip(c.get("start_frame", []), c.get(key, [])) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+        if key in ACCURACY_KEYS or key in ("iou", "found_rate"):
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(METRIC_LABELS.get(key, key.replace("_", " ")), fontsize=10)
+        ax.set_xlabel("chunk start frame")
+        ax.grid(alpha=0.3)
+        if ax.lines:  # a metric that is None in every chunk (no object found) has nothing to label
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot_drift(drift: dict, path, backend: str = "auto", title: str = "drift per chunk") -> Path:
     """PNG of the per-chunk curves of an evaluate_stream / aggregate_drift result."""
     path = Path(path)
     curves = drift.get("curves", drift)
     (_mpl_drift if _backend(backend) == "matplotlib" else _pil_drift)(curves, path, title)
+    return path
+
+
+def plot_drift_compare(drifts: dict, path, keys: Sequence[str] = ("all_four", "iou", "flicker"),
+                       backend: str = "auto", title: str = "drift per chunk") -> Path:
+    """PNG with one panel per curve key and one line per labelled drift result ({label: drift}),
+    so variants of one model (full cache, rolling window, sinks) are read off the same axes."""
+    path = Path(path)
+    drifts = {label: {"curves": d.get("curves", d)} for label, d in drifts.items()}
+    (_mpl_drift_compare if _backend(backend) == "matplotlib" else _pil_drift_compare)(drifts, keys, path, title)
     return path
 
 

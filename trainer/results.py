@@ -15,8 +15,9 @@ and RUN/text.safetensors so rows differ only in the DiT):
 - prompt switches (cut / recache / blend) at a chunk boundary; image-to-video; video-to-video;
 - end-to-end time of one clip (text encoding to decoded frames) against real time;
 - "what is weak": sentences generated from the numbers against `Targets`.
-Teacher rows cost 20-50x a student clip on CPU, so they see a prefix of the students' prompts
-(`Counts.teacher_n_in/_held`); comparisons between rows always use that shared prefix."""
+Many-step rows may see a prefix of the students' prompts (`Counts.teacher_n_in/_held`, for slower
+teachers); comparisons between rows always use that shared prefix. At the shapes size a teacher clip
+costs ~1.2 s on one core against ~0.3 s for a student clip, so the full counts give every row every prompt."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,13 +37,13 @@ import torch
 from causvid_core import evaluate as E
 from causvid_core import world
 from causvid_core.eval_run import PROMPT_SEED, _stream_frames, eval_specs
+from causvid_core.schedule import SWITCH_MODES
 
 from .ablation import variant_root
 from .config import TrainConfig
 from .results_doc import DEFAULT_DOC, weak_points, write_outputs
 from .stages.common import output, student_steps
 
-SWITCH_MODES = ("cut", "recache", "blend")
 
 # Seeds. In-distribution prompt i is generated with seed i, held-out prompt j with HELD_OUT_SEED + j,
 # whatever the counts, so a row evaluated on a prefix of the prompts sees exactly the same clips.
@@ -57,7 +58,8 @@ SPEED_PROMPT = "a red circle moving right on a black background"
 SWITCH_PAIRS = (
     ("colour", "a red circle moving right on a black background", "a blue circle moving right on a black background"),
     ("colour", "a green square moving down on a gray background", "a yellow square moving down on a gray background"),
-    ("colour", "a white triangle moving left on a navy background", "a orange triangle moving left on a navy background"),
+    ("colour", "a white triangle moving left on a navy background",
+     "a orange triangle moving left on a navy background"),
     ("colour", "a cyan circle moving up on a forest background", "a magenta circle moving up on a forest background"),
     ("shape", "a yellow circle moving right on a navy background", "a yellow square moving right on a navy background"),
     ("motion", "a blue square moving up on a black background", "a blue square moving left on a black background"),
@@ -66,11 +68,12 @@ SWITCH_PAIRS = (
 
 @dataclass(frozen=True)
 class Counts:
-    """How much one report generates. FULL: docs/RESULTS.md in ~15 min on 2 cores (shapes); QUICK: tests."""
+    """How much one report generates. FULL: docs/RESULTS.md (shapes: ~7 min estimated on 2 cores, within the
+    15-minute budget); QUICK: a few clips per section, for tests."""
     n_in: int = 48  # in-distribution prompts per few-step row
     n_held: int = 24  # held-out colour-shape prompts per few-step row
-    teacher_n_in: int = 16  # many-step rows: a prefix of the same prompts (20-50x the cost of a student clip)
-    teacher_n_held: int = 8
+    teacher_n_in: int = 48  # many-step rows: a prefix of the same prompts (all of them at the shapes size)
+    teacher_n_held: int = 24
     teacher_batch: int = 4  # many-step clips sampled together after the timed ones
     timed_clips: int = 2  # many-step clips sampled alone: their time is the row's s per clip and latency
     frames: int = world.CLIP_FRAMES  # pixel frames of every clip (33 = 9 latent frames)
@@ -78,11 +81,11 @@ class Counts:
     drift_chunks: int = 40
     drift_edge: int = 3  # chunks averaged at each end of a stream (first vs last)
     switch_pairs_per_kind: int = 4  # SWITCH_PAIRS used per changed attribute (there are 4 / 1 / 1)
-    switch_seeds: int = 2
+    switch_seeds: int = 3
     chunks_before: int = 2  # chunks under the first prompt; the switch is at the next chunk boundary
     chunks_after: int = 3
-    i2v_clips: int = 12
-    v2v_clips: int = 12
+    i2v_clips: int = 24
+    v2v_clips: int = 24  # per strength
     v2v_strengths: tuple[float, ...] = (0.7, 0.5)
     speed_repeats: int = 3  # best of this many, after one warm-up
 
@@ -278,22 +281,24 @@ def prompt_sets(counts: Counts) -> list[tuple[str, int, world.ClipSpec]]:
             + [("heldout", j, s) for j, s in enumerate(eval_specs(counts.n_held, "heldout", PROMPT_SEED + 1))])
 
 
+def shared(split: str, index: int, counts: Counts) -> bool:
+    """Whether every row sees this prompt (the many-step rows' prefix of each split)."""
+    return index < (counts.teacher_n_in if split == "train" else counts.teacher_n_held)
+
+
 def shared_prefix(clips: list[dict], counts: Counts) -> list[dict]:
-    """The clips of the prompts every row sees (the many-step rows' prefix of each split)."""
-    limit = {"train": counts.teacher_n_in, "heldout": counts.teacher_n_held}
-    return [c for c in clips if c["index"] < limit[c["split"]]]
+    return [c for c in clips if shared(c["split"], c["index"], counts)]
 
 
 def evaluate_row(row: ModelRow, components, ms: ManyStep, counts: Counts, defaults: dict) -> dict:
     """Generate and judge one model's clips; many-step rows on the shared prefix only."""
     from tqdm import tqdm
 
-    prompts = prompt_sets(counts)
-    if row.many_step:
-        prompts = [p for p in prompts
-                   if p[1] < (counts.teacher_n_in if p[0] == "train" else counts.teacher_n_held)]
+    from causvid_core.generate import latent_frames
+
+    prompts = [p for p in prompt_sets(counts) if not row.many_step or shared(p[0], p[1], counts)]
     seeds = [clip_seed(split, i) for split, i, _ in prompts]
-    F = (counts.frames - 1) // components.vae.config.time_factor + 1
+    F = latent_frames(counts.frames, components.vae.config.time_factor)
     warm_up(components, row.kind, ms, counts.frames)
     if row.many_step:
         videos, timed = many_step_clips(components, row.kind, [s.prompt for _, _, s in prompts], seeds, ms,

@@ -1,0 +1,104 @@
+"""`causvid-train results`: one command writes RESULTS.md with every section, results.json and the plots,
+from a run folder laid out like trainer/ablation.py's (tiny random models: numbers are ~0, the
+structure is what is tested)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from causvid_core.checkpoints import save_dit
+from causvid_core.evaluate_report import plot_drift_compare
+from causvid_core.pipeline import META_STREAM
+from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
+from causvid_core.vae import random_vae, save_vae
+from conftest import tiny_model
+from trainer.ablation import variant_root
+from trainer.cli import main
+from trainer.results import DRIFT_VARIANTS, model_rows, start_noise
+from trainer.stages.common import output
+
+SECTIONS = ("# Results", "## What is weak", "## Teacher vs student", "## Speed: one clip end to end",
+            "## Ablation (the paper's Table 4 at this scale)", "## Held-out colour-shape pairs",
+            "## Long streams: drift", "## Prompt switches", "## Image-to-video", "## Video-to-video")
+STREAM = {"steps": [1000.0, 750.0, 500.0, 250.0], "shift": 5.0, "chunk_frames": 3}
+
+
+def fake_run(root):
+    """Every model of a finished run with ablation except causal-teacher-dmd (it must read "not trained")."""
+    for seed, stage in enumerate(("teacher", "causal-teacher", "ode-init", "dmd")):
+        output(root, stage).parent.mkdir(parents=True, exist_ok=True)
+        save_dit(tiny_model(seed=seed), output(root, stage))
+    path = output(variant_root(root, "no-ode-init"), "dmd")
+    path.parent.mkdir(parents=True)
+    save_dit(tiny_model(seed=5), path)
+    save_dit(tiny_model(seed=3), root / "student.safetensors", {META_STREAM: json.dumps(STREAM)})
+    save_vae(random_vae("wan-tiny", seed=0), root / "vae.safetensors")
+    torch.manual_seed(0)
+    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval(), root / "text.safetensors")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    fake_run(root)
+    doc = root / "docs" / "RESULTS.md"
+    assert main(["results", "--preset", "micro", "--out", str(root), "--doc", str(doc), "--quick"]) == 0
+    return root, doc
+
+
+def test_results_md_has_every_section_and_ablation_row(report):
+    root, doc = report
+    text = doc.read_text()
+    for heading in SECTIONS:
+        assert f"\n{heading}" in "\n" + text, heading
+    ablation = text.split("## Ablation")[1].split("\n## ")[0]
+    for row in model_rows(root):
+        assert f"| {row.label} |" in ablation, row.label
+    missing = next(line for line in ablation.splitlines() if line.startswith("| few-step causal: ODE init + causal"))
+    assert "| not trained |" in missing
+    assert "Regenerate: `causvid-train results --preset micro" in text and "Commit: `" in text
+    for variant in DRIFT_VARIANTS:
+        assert f"| {variant.label} |" in text
+    for mode in ("cut", "recache", "blend"):
+        assert f"| {mode} | colour |" in text
+    weak = text.split("## What is weak")[1].split("\n## ")[0]
+    assert "- Missed: the student's all-four accuracy" in weak  # random weights miss every target
+
+
+def test_results_json_and_plots(report):
+    root, doc = report
+    folder = doc.parent / "results"
+    res = json.loads((folder / "results.json").read_text())
+    assert res["rows"]["causal-teacher-dmd"]["status"] == "not trained"
+    assert res["rows"]["student"]["summary"]["in_distribution"]["n"] == res["counts"]["n_in"]
+    assert res["rows"]["teacher"]["nfe"] == 2 * res["many_step"]["steps"]  # guided: two evaluations a step
+    assert res["speed"]["fps"] > 0 and res["wall_s"] > 0
+    assert len(res["drift"]) == len(DRIFT_VARIANTS) and res["v2v"]["by_strength"]["0.7"]["frames_kept"] == 1.0
+    for name in ("accuracy.png", "drift.png", "drift_window_sinks.png"):
+        assert Image.open(folder / name).size[0] > 100, name
+    assert not list(folder.glob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_a_run_without_its_export_is_refused(tmp_path, capsys):
+    assert main(["results", "--preset", "micro", "--out", str(tmp_path), "--doc", str(tmp_path / "R.md")]) == 2
+    assert "causvid-train export" in capsys.readouterr().err
+
+
+def test_many_step_rows_start_from_the_students_noise():
+    from causvid_core.stream import CausalStream, StreamSettings
+
+    model = tiny_model()
+    stream = CausalStream(model, StreamSettings(seed=7, max_frames=9), latent_hw=(8, 8))
+    chunks = torch.cat([stream.initial_noise(c, 3) for c in range(3)], dim=2)
+    torch.testing.assert_close(start_noise(7, 3, (model.config.out_dim, 9, 8, 8)), chunks)
+
+
+@pytest.mark.parametrize("backend", ["pil", "matplotlib"])
+def test_drift_compare_plot(tmp_path, backend):
+    curves = {"start_frame": [0, 9, 21], "all_four": [1.0, 0.5, None], "iou": [0.9, 0.8, 0.7],
+              "flicker": [None, None, None]}
+    path = plot_drift_compare({"a": {"curves": curves}, "b": {"curves": curves}}, tmp_path / "d.png", backend=backend)
+    assert Image.open(path).size[0] > 100
