@@ -5,6 +5,7 @@
     causvid-train ablation --preset shapes --out runs/shapes   # the DMD variants of the paper's Table 4
     causvid-train results --preset shapes --out runs/shapes    # regenerate docs/RESULTS.md from the run
     causvid-train publish --preset shapes --out runs/shapes    # the run -> causvid_core/builtin/ (float16)
+    causvid-train restore --preset shapes --out runs/new       # builtin VAE/text/teacher -> finished stages
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
 
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 from .config import PRESETS, apply_overrides, preset
 
 STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation", "publish",
-               "results")
+               "results", "restore")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--doc", help="results: the markdown file to write (default: docs/RESULTS.md of this checkout); "
                                  "plots and results.json go to results/ beside it")
     p.add_argument("--quick", action="store_true", help="results: a few prompts and short streams (tests)")
-    p.add_argument("--dest", help="publish: destination folder (default: causvid_core/builtin/)")
+    p.add_argument("--dest", help="publish / restore: the built-in folder (default: causvid_core/builtin/)")
     args = p.parse_args(argv)
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
@@ -42,7 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
     from .pipeline import run_pipeline, run_stage
-    if args.stage == "publish":
+    if args.stage == "restore":
+        from .publish import restore
+        try:
+            print(json.dumps({"restored": restore(args.out, args.dest) if args.dest else restore(args.out)}))
+        except FileNotFoundError as exc:
+            print(f"causvid-train: {exc}", file=sys.stderr)
+            return 2
+    elif args.stage == "publish":
         from .publish import publish
         try:
             sizes = publish(args.out, args.dest) if args.dest else publish(args.out)

@@ -186,7 +186,7 @@ def shapes() -> TrainConfig:
         vae_decoder=VAEDecoderStage(steps=400, batch=8, lr=5e-4, log_every=20, ckpt_every=100),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
-        teacher=TeacherStage(steps=3000, batch=16, lr=3e-4, log_every=20, ckpt_every=200),
+        teacher=TeacherStage(steps=7500, batch=16, lr=3e-4, log_every=20, ckpt_every=200),
         causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
         ode_pairs=ODEPairsStage(num_pairs=768, teacher_steps=48, guidance=3.0, batch=32),
         ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
