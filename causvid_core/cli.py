@@ -124,13 +124,15 @@ def _request(args: argparse.Namespace, prompts) -> "GenerationRequest":
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
     from tqdm import tqdm
 
     from .checkpoints import CheckpointError
     from .generate import generate_chunks, latent_frames
     from .pipeline import load_components
     from .schedule import PromptEvent, ScheduleError
-    from .video_io import Mp4Writer, to_uint8
+    from .video_io import FPS, Mp4Writer, to_uint8
 
     try:
         comps = load_components(args.model, args.vae, args.text_encoder)
@@ -146,13 +148,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for prompts, out in jobs:
             req = _request(args, prompts)
             latent_frames(req.frames)  # a bad count is an error before any file is opened
+            t0 = time.perf_counter()
             with Mp4Writer(out) as writer, tqdm(total=req.frames, unit="frame", desc=out.name,
                                                 disable=args.quiet) as bar:
                 for chunk in generate_chunks(comps, req, notice=lambda m: print(m, file=sys.stderr)):
                     frames = to_uint8(chunk.frames)
                     writer.write(frames)
                     bar.update(len(frames))
-            print(f"wrote {out} ({writer.frames} frames, {req.width}x{req.height}, 16 fps)")
+            took = time.perf_counter() - t0  # text encoding to the last frame written
+            print(f"wrote {out} ({writer.frames} frames, {req.width}x{req.height}, {FPS} fps) in {took:.2f} s: "
+                  f"{writer.frames / FPS / took:.1f}x real time")
     except (CheckpointError, ScheduleError, ValueError, FileNotFoundError) as exc:
         print(f"causvid generate: {exc}", file=sys.stderr)
         return 2

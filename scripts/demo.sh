@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The main command of the README. Until the built-in model is trained (issue 6) it runs the real
-# Wan2.1 / CausVid / Self-Forcing parity check on the shared vectors: the causal DiT, its KV cache
-# and the few-step rollout reproducing the reference implementations' numbers.
+# The main command of the README: videos from the built-in model (trained by our own trainer on
+# Shapes World; nothing is downloaded), on the CPU.
+#   out/demo_clip.mp4    33 frames, one prompt
+#   out/demo_stream.mp4  121 frames streamed chunk by chunk, the prompt changing at frames 41 and 81
+# Extra arguments go to both `causvid generate` calls (e.g. --seed 3).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$CAUSVID_ROOT"
-parity="${CAUSVID_PARITY:-$CAUSVID_ROOT/../shared/parity/wan-tiny-seed0.json}"
-exec causvid parity "$parity" "$@"
+mkdir -p out
+causvid generate --prompt "a green triangle moving left on a black background" --frames 33 \
+  --out out/demo_clip.mp4 "$@"
+causvid generate --schedule scripts/demo_schedule.txt --switch-mode recache --frames 121 \
+  --window 12 --sinks 3 --out out/demo_stream.mp4 "$@"
