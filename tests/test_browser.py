@@ -22,22 +22,22 @@ from typing import Optional
 import av
 import pytest
 
-from comfy_host import MODEL_NAME, ROOT, comfy_server  # noqa: F401 (fixture)
+from comfy_host import ROOT, comfy_server  # noqa: F401 (fixture)
 
 WORKFLOW = ROOT / "workflows" / "text_to_video_stream.json"
 
-# The model the page runs. The workflows name the built-in model, which is not committed yet (it is being
-# trained): until it is, the page switches LoadCausalModel to the host's tiny random model. Once
-# causvid_core/builtin/ holds the built-in model, set this to None and the workflow runs its own model unchanged.
-MODEL_OVERRIDE: Optional[str] = MODEL_NAME
+# The model the page runs: None = the workflow's own (the built-in Shapes World model, committed in
+# causvid_core/builtin/); a file name switches LoadCausalModel to it (e.g. comfy_host.MODEL_NAME, the tiny
+# random model the host also has).
+MODEL_OVERRIDE: Optional[str] = None
 
-# Widget changes that keep the run short on a CPU: 32x32 instead of the workflow's 64x64 (the random model's
-# output means nothing at any size); the length (33 frames = 3 chunks, what the sampler asks for) is kept. The
-# seed is one no other test queues: this ComfyUI reuses the outputs of nodes whose inputs equal those of the
-# previous prompt (tests/e2e_workflows/t2v.json is this graph at seed 0), and a cached sampler sends no previews.
-SMALL_RUN = {"CausalKVState": {"width": 32, "height": 32, "seed": 20240}}
+# The only widget change: a seed no other test queues. This ComfyUI reuses the outputs of nodes whose inputs
+# equal those of the previous prompt (tests/test_shipped_workflows_e2e.py queues this graph unchanged), and a
+# cached sampler sends no previews. Size and length stay the workflow's: the built-in model makes them in
+# well under a second on a CPU.
+SMALL_RUN = {"CausalKVState": {"seed": 20240}}
 EXPECTED_FRAMES = 33
-EXPECTED_SIZE = (32, 32)  # (height, width) of the saved video
+EXPECTED_SIZE = (64, 64)  # (height, width) of the saved video
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 # comfyui.md section 9: headless Debian chromium as root, nothing fetched in the background
