@@ -60,6 +60,7 @@ def test_results_md_has_every_section_and_ablation_row(report):
     missing = next(line for line in ablation.splitlines() if line.startswith("| few-step causal: ODE init + causal"))
     assert "| not trained |" in missing
     assert "Regenerate: `causvid-train results --preset micro" in text and "Commit: `" in text
+    assert "load average" in text  # timings beside other jobs are flagged, not passed off as the machine's
     for variant in DRIFT_VARIANTS:
         assert f"| {variant.label} |" in text
     for mode in ("cut", "recache", "blend"):

@@ -410,7 +410,9 @@ def run_switches(components, counts: Counts) -> dict:
         cases.append(dict(kind=kind, mode=mode, before=a, after=b, seed=SWITCH_SEED + s, switch_frame=sw["frame"],
                           before_all_four=before["correct"]["all_four"], after_all_four=after["correct"]["all_four"],
                           after_changed=after["correct"][kind], switched=sw["switched"],
-                          latency_frames=sw["latency_frames"], jump_px=sw["jump_px"], continuous=sw["continuous"]))
+                          latency_frames=sw["latency_frames"], jump_px=sw["jump_px"],
+                          # no object on one side of the switch: continuity is unknown, not a jump
+                          continuous=None if sw["jump_px"] is None else sw["continuous"]))
     summary = {}
     for mode in SWITCH_MODES:
         for kind in dict.fromkeys(c["kind"] for c in cases):
@@ -433,6 +435,7 @@ def _switch_summary(cases: list[dict], mode: str, kind: str) -> dict:
                 switched=_rate(c["switched"] for c in cases),
                 latency_frames=_rate(c["latency_frames"] for c in cases),
                 jump_px=_rate(c["jump_px"] for c in cases),
+                jump_measured=sum(c["jump_px"] is not None for c in cases),
                 continuous=_rate(c["continuous"] for c in cases))
 
 
@@ -535,7 +538,15 @@ def main_files(root: Path, cfg: TrainConfig) -> tuple[Path, Path, dict]:
 
 def machine() -> dict:
     return dict(cores=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                python=platform.python_version(), platform=platform.platform())
+                python=platform.python_version(), platform=platform.platform(), load_start=load_average())
+
+
+def load_average() -> Optional[float]:
+    """1-minute load average: times taken beside other jobs (training) understate this machine."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
 
 
 def git_commit() -> str:
@@ -598,6 +609,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
     res["i2v"] = timed("i2v", run_i2v, main, counts)
     res["v2v"] = timed("v2v", run_v2v, main, counts)
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    res["machine"]["load_end"] = load_average()
     res["chunk_pixel_frames"] = main.vae.config.time_factor * defaults["chunk_frames"]
     res["weak"] = weak_points(res)
     write_outputs(res, doc, root)

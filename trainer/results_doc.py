@@ -17,6 +17,7 @@ from .run import atomic_write_text
 
 REPO_DOCS = Path(__file__).resolve().parents[1] / "docs"
 DEFAULT_DOC = REPO_DOCS / "RESULTS.md"
+BUSY_LOAD = 0.5  # load average per core above which the timings are flagged as taken beside other work
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +110,8 @@ def _weak_streams(res: dict, t: dict) -> list[str]:
             out.append(f"Prompt switch ({mode}): switches that land take {s['latency_frames']:.1f} frames on "
                        f"average, more than one chunk ({chunk_pixels} frames).")
         if s["continuous"] is not None and s["continuous"] < t['continuous']:
-            out.append(f"Prompt switch ({mode}): the object jumps at {_p(1 - s['continuous'])} of switches "
+            out.append(f"Prompt switch ({mode}): the object jumps at {_p(1 - s['continuous'])} of the "
+                       f"{s['jump_measured']} switches with an object on both sides "
                        f"(mean jump {_f(s['jump_px'], 1)} px).")
     i2v = res["i2v"]
     if i2v["psnr_first"] is not None and i2v["psnr_first"] < t['i2v_psnr']:
@@ -119,6 +121,11 @@ def _weak_streams(res: dict, t: dict) -> list[str]:
         if s["restyled"] is not None and s["restyled"] < t['v2v_rate']:
             out.append(f"Video-to-video at strength {s['strength']}: only {_p(s['restyled'])} of clips take the new "
                        f"colour while keeping shape and motion (old colour kept in {_p(s['kept_old_colour'])}).")
+    m = res["machine"]
+    loads = [v for v in (m["load_start"], m.get("load_end")) if v is not None]
+    if loads and max(loads) > m["cores"] * BUSY_LOAD:
+        out.append(f"Timings were taken beside other work (load average up to {max(loads):.1f} on {m['cores']} "
+                   "cores): every second and frame rate here understates this machine; rerun on an idle one.")
     sp = res["speed"]
     if sp["fps"] < world.FPS:
         out.append(f"Speed: {sp['fps']:.1f} frames/s end to end is slower than the world's {world.FPS} fps "
@@ -154,9 +161,10 @@ def section_header(res: dict, doc: Path, root: Path) -> str:
             f"- Regenerate: `{cmd}`\n"
             f"- Commit: `{res['commit']}`; run folder `{res['run']}`\n"
             f"- Machine: {m['cores']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"Python {m['python']}, {m['platform']}\n"
+            f"Python {m['python']}, {m['platform']}; load average {m['load_start']} at the start, "
+            f"{m.get('load_end')} at the end\n"
             f"- Date: {res['date']}; wall time of this run: {res['wall_s']:.0f} s "
-            f"({', '.join(f'{k} {v:.0f} s' for k, v in res['timings'].items())})\n"
+            f"({', '.join(f'{k} {v:.1f} s' for k, v in res['timings'].items())})\n"
             f"- Prompts: `causvid eval`'s fixed prompts (PROMPT_SEED {seeds['prompt_seed']}; held-out pairs "
             f"{seeds['held_out_prompt_seed']}); "
             f"{c['n_in']} in-distribution + {c['n_held']} held-out per row{_teacher_prefix(c)}; clip seed = "
@@ -267,7 +275,7 @@ def section_switches(res: dict) -> str:
             "latency (frames)", "jump (px)", "continuous"]
     lines = [[s["mode"], s["kind"], s["n"], _p(s["before_all_four"]), _p(s["after_all_four"]),
               _p(s["after_changed"]), _p(s["switched"]), _f(s["latency_frames"], 1), _f(s["jump_px"], 1),
-              _p(s["continuous"])] for s in sw["summary"].values()]
+              f"{_p(s['continuous'])} of {s['jump_measured']}"] for s in sw["summary"].values()]
     pairs = "\n".join(f"- {kind}: \"{a}\" -> \"{b}\"" for kind, a, b in sorted({(c["kind"], c["before"], c["after"])
                                                                               for c in sw["cases"]}))
     return ("## Prompt switches\n\n"
