@@ -47,8 +47,7 @@ def latent_size(components: Components, height: int, width: int) -> tuple[int, i
 def make_stream(components: Components, req: GenerationRequest) -> CausalStream:
     F = latent_frames(req.frames, components.vae.config.time_factor)
     fields = {**components.stream_defaults, **req.settings, "seed": req.seed}
-    if fields.get("window_frames") is None:
-        fields["max_frames"] = F
+    fields["max_frames"] = F  # the requested length, also with a rolling window (it must end)
     settings = StreamSettings.from_fields(fields)
     hw = latent_size(components, req.height, req.width)
     device = next(components.model.parameters()).device

@@ -48,7 +48,8 @@ class StreamSettings:
     independent_first_frame: bool = False  # layout [1, f, f, ...] instead of [f, f, ...]
     window_frames: Optional[int] = None  # rolling KV window (latent frames); None: hold every frame
     sink_frames: int = 0  # first frames never evicted from the window
-    max_frames: Optional[int] = None  # latent frames of the whole stream (sizes a full cache)
+    max_frames: Optional[int] = None  # latent frames of the whole stream (sizes a full cache; with a window: where
+    # a finite stream stops, None = endless)
     seed: int = 0
     switch_mode: str = "cut"
     blend_chunks: int = 2
@@ -274,7 +275,7 @@ class CausalStream:
         t0 = time.perf_counter()
         ci, s = self.chunk_index, self.frame
         f = self.settings.chunk_size(ci) if v2v_latents is None else v2v_latents.shape[2]
-        if self.settings.max_frames is not None and self.settings.window_frames is None:
+        if self.settings.max_frames is not None:  # a budget, with or without a rolling window
             f = min(f, self.settings.max_frames - s)
             if f <= 0:
                 raise ValueError(f"the stream is complete: all {self.settings.max_frames} latent frames are made")
@@ -296,10 +297,10 @@ class CausalStream:
         return Chunk(ci, s, x0, frames, self.prompt, seconds=time.perf_counter() - t0)
 
     def chunks(self, count: Optional[int] = None) -> Iterator[Chunk]:
-        """Yield `count` chunks (None: until max_frames, or forever with a rolling window)."""
+        """Yield `count` chunks (None: until max_frames; forever with a rolling window and no max_frames)."""
         made = 0
         while count is None or made < count:
-            if self.settings.window_frames is None and self.frame >= self.settings.max_frames:
+            if self.settings.max_frames is not None and self.frame >= self.settings.max_frames:
                 return
             yield self.step()
             made += 1
@@ -327,7 +328,7 @@ def run_schedule(stream: CausalStream, prompts: dict[int, str | Tensor], count: 
         stream.set_prompt(prompts[0])
     made = 0
     while count is None or made < count:
-        if stream.settings.window_frames is None and stream.frame >= stream.settings.max_frames:
+        if stream.settings.max_frames is not None and stream.frame >= stream.settings.max_frames:
             return
         if stream.chunk_index in prompts and stream.chunk_index > 0:
             stream.set_prompt(prompts[stream.chunk_index], mode)

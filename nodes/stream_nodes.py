@@ -144,7 +144,7 @@ class StreamChunkSampler:
             stream.set_steps(steps)
         plan = _prompt_plan(stream, chunks, conditioning, prompt_schedule)
         settings = stream.settings
-        if settings.window_frames is None:
+        if settings.max_frames is not None:  # a length (with or without a rolling window) ends the stream
             remaining = -(-(settings.max_frames - stream.frame) // settings.chunk_frames)
             if remaining <= 0:
                 raise ValueError(f"the stream is complete ({settings.max_frames} latent frames); "

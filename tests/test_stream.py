@@ -253,3 +253,14 @@ def test_a_clone_is_independent_and_continues_identically():
     b = [snapshot.step() for _ in range(2)]
     for x, y in zip(a, b):
         assert torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames)
+
+
+def test_a_generation_with_a_rolling_window_stops_at_its_length():
+    """`causvid generate --frames 121 --window 12` once never ended: the window dropped the frame budget."""
+    from causvid_core.generate import GenerationRequest, generate_video
+    from causvid_core.schedule import PromptEvent
+    from conftest import tiny_components
+    comps = tiny_components()
+    req = GenerationRequest(prompts=[PromptEvent(0, "a red circle"), PromptEvent(41, "a blue circle")], frames=121,
+                            settings={"window_frames": 6, "sink_frames": 3})
+    assert len(generate_video(comps, req, notice=lambda m: None)) == 121
