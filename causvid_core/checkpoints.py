@@ -383,6 +383,14 @@ def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
 
 # -- writing -----------------------------------------------------------------------------------
 
+def default_permissions(path: str | os.PathLike) -> None:
+    """mkstemp makes owner-only files; give a written checkpoint the permissions a plain open() would
+    (0666 less the umask), so a shared models folder stays readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
                             metadata: Optional[dict[str, str]] = None) -> None:
     """Write to a temporary file beside `path`, then rename: never a half-written checkpoint."""
@@ -394,6 +402,7 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        default_permissions(tmp)  # after writing: the writer may recreate the file
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

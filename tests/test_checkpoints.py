@@ -814,3 +814,17 @@ def test_changing_loaded_weights_leaves_the_file_alone(tmp_path, tiny, tiny_sd, 
             p.add_(1.0)
     assert path.read_bytes() == before
     assert_same_model(load_dit(path, num_heads=2, text_len=TINY.text_len), tiny)
+
+
+def test_written_files_get_umask_permissions_not_owner_only(tmp_path, tiny):
+    """Atomic writes go through mkstemp (owner-only); a checkpoint in a shared models folder must be readable."""
+    import stat
+    from trainer.run import atomic_write_text
+    old = os.umask(0o022)
+    try:
+        save_dit(tiny, tmp_path / "m.safetensors")
+        atomic_write_text(tmp_path / "DONE.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("m.safetensors", "DONE.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from causvid_core.checkpoints import default_permissions
 from causvid_core.sampler import noise_seed
 
 
@@ -133,6 +134,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -143,6 +145,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    default_permissions(tmp)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
