@@ -203,17 +203,27 @@ def _mpl_drift(curves: dict, path: Path, title: str) -> None:
     axes = fig.subplots(2, 3).ravel()
     xs = curves.get("start_frame", [])
     for ax, (name, keys, fixed) in zip(axes, DRIFT_PANELS):
-        for key in (k for k in keys if k in curves):
-            pts = [(x, y) for x, y in zip(xs, curves[key]) if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=key)
-        if fixed:
-            ax.set_ylim(fixed[0] - 0.02, fixed[1] + 0.02)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("chunk start frame")
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a metric that is None in every chunk (no object found) has nothing to label
-            ax.legend(fontsize=7)
+        _mpl_drift_axis(ax, {key: (xs, curves[key]) for key in keys if key in curves}, name,
+                        (fixed[0] - 0.02, fixed[1] + 0.02) if fixed else None)
+    _mpl_save(fig, path, title)
+
+
+def _mpl_drift_axis(ax, series: dict, name: str, ylim) -> None:
+    """One drift panel: each labelled (xs, ys) curve without its None points, then the shared styling."""
+    for label, (xs, ys) in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("chunk start frame")
+    ax.grid(alpha=0.3)
+    if ax.lines:  # a metric that is None in every chunk (no object found) has nothing to label
+        ax.legend(fontsize=7)
+
+
+def _mpl_save(fig, path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -248,21 +258,10 @@ def _mpl_drift_compare(drifts: dict, keys: Sequence[str], path: Path, title: str
     fig = Figure(figsize=(4.2 * len(keys), 3.8))
     axes = fig.subplots(1, len(keys), squeeze=False).ravel()
     for ax, key in zip(axes, keys):
-        for label, drift in drifts.items():
-            c = drift["curves"]
-            pts = [(x, y) for x, y in zip(c.get("start_frame", []), c.get(key, [])) if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
-        if key in ACCURACY_KEYS or key in ("iou", "found_rate"):
-            ax.set_ylim(-0.02, 1.02)
-        ax.set_title(METRIC_LABELS.get(key, key.replace("_", " ")), fontsize=10)
-        ax.set_xlabel("chunk start frame")
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a metric that is None in every chunk (no object found) has nothing to label
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        series = {label: (d["curves"].get("start_frame", []), d["curves"].get(key, [])) for label, d in drifts.items()}
+        _mpl_drift_axis(ax, series, METRIC_LABELS.get(key, key.replace("_", " ")),
+                        (-0.02, 1.02) if key in ACCURACY_KEYS or key in ("iou", "found_rate") else None)
+    _mpl_save(fig, path, title)
 
 
 def plot_drift(drift: dict, path, backend: str = "auto", title: str = "drift per chunk") -> Path:
