@@ -21,7 +21,7 @@ from causvid_core.text import load_text_encoder, save_text_encoder
 from causvid_core.vae import load_vae, save_vae
 
 from .run import atomic_write_text
-from .stages.common import require
+from .stages.common import output, require
 
 MAX_BYTES = 20 * 2**20  # everything committed for the built-in model (DEVELOPERS.md: under 20 MB)
 TEACHER_FILE = "teacher.safetensors"
@@ -86,18 +86,13 @@ def restore(root: str | Path, src: str | Path = BUILTIN_DIR) -> list[str]:
     teacher_src = src / TEACHER_FILE
     if not teacher_src.exists():
         raise FileNotFoundError(f"{src} has no {TEACHER_FILE}: it was published without the teacher")
-    writes = {"vae": lambda p: save_vae(load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32), p),
-              "vae-decoder": lambda p: save_vae(load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32), p),
-              "text": lambda p: save_text_encoder(load_text_encoder(src / BUILTIN_FILES["text_encoder"]), p),
-              "teacher": lambda p: save_dit(load_dit(teacher_src, dtype=torch.float32), p)}
-    from .stages.common import output
-    for stage, write in writes.items():
-        write(output(root, stage))
-        atomic_write_text(root / stage_folder(stage) / "DONE.json",
-                          json.dumps({"stage": stage, "model": str(output(root, stage)), "restored_from": str(src)}))
-    return list(writes)
-
-
-def stage_folder(stage: str) -> str:
-    from .stages.common import STAGE_OUTPUTS
-    return STAGE_OUTPUTS[stage][0]
+    vae = load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32)
+    models = {"vae": (save_vae, vae), "vae-decoder": (save_vae, vae),
+              "text": (save_text_encoder, load_text_encoder(src / BUILTIN_FILES["text_encoder"])),
+              "teacher": (save_dit, load_dit(teacher_src, dtype=torch.float32))}
+    for stage, (save, model) in models.items():
+        path = output(root, stage)
+        save(model, path)
+        atomic_write_text(path.parent / "DONE.json",
+                          json.dumps({"stage": stage, "model": str(path), "restored_from": str(src)}))
+    return list(models)
