@@ -227,7 +227,8 @@ def evaluate_schedule(frames, schedule: Sequence[tuple[int, str]], *, value_rang
     latency[attr]: frames after the switch until the new value of a changed attribute is detected
     for config.stable_frames consecutive frames (None: never); latency_frames is their maximum.
     jump_px: centroid step (torus) from the frame before the switch to the switch frame;
-    continuous: jump_px <= config.max_jump. Frames before the first start are not scored.
+    continuous: jump_px <= config.max_jump, None when no object is found on one side (unknown, not a
+    jump). Frames before the first start are not scored.
     """
     plan = [(int(s), p) for s, p in schedule]
     if not plan:
@@ -258,7 +259,7 @@ def evaluate_schedule(frames, schedule: Sequence[tuple[int, str]], *, value_rang
         switches.append(dict(frame=s, changed=changed, latency=latency,
                              latency_frames=None if None in lat else max(lat, default=0),
                              switched=None not in lat,
-                             jump_px=jump_px, continuous=jump_px is not None and jump_px <= config.max_jump))
+                             jump_px=jump_px, continuous=None if jump_px is None else jump_px <= config.max_jump))
     return dict(segments=segments, switches=switches)
 
 

@@ -281,6 +281,10 @@ def test_schedule_flags_a_jump_and_a_switch_that_never_happens():
     sw = out["switches"][0]
     assert sw["latency"] == {"colour": None} and not sw["switched"] and sw["continuous"], sw
     assert out["segments"][1]["correct"]["colour"] is False
+    vanished = np.array(stuck, copy=True)
+    vanished[12] = vanished[12, 0, 0]  # no object on the switch frame: continuity unknown, not a jump
+    sw = E.evaluate_schedule(vanished, [(0, spec.prompt), (12, after.prompt)])["switches"][0]
+    assert sw["jump_px"] is None and sw["continuous"] is None, sw
     with pytest.raises(ValueError, match="increasing"):
         E.evaluate_schedule(stuck, [(12, spec.prompt), (0, after.prompt)])
 

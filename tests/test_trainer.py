@@ -70,7 +70,7 @@ def _assert_decoder_fine_tune_kept_the_encoder(root: Path) -> None:
 
 
 def test_decoder_lr_warms_up_then_decays_to_zero():
-    from trainer.stages.vae_decoder import lr_at
+    from trainer.schedules import lr_at
     lrs = [lr_at(s, 100, 1e-3, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-6
@@ -161,6 +161,37 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(micro_run, tmp_path
     wa, wb = load_dit(a / "teacher" / "teacher.safetensors"), load_dit(b / "teacher" / "teacher.safetensors")
     for (k, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), k
+
+
+def test_teacher_saves_its_ema_and_an_older_state_starts_the_ema_from_the_resumed_weights(micro_run, tmp_path):
+    """The saved teacher is the EMA, not the raw weights; a state.pt written before the EMA existed (the
+    built-in teacher was resumed that way at step 7800) resumes with the EMA copied from its weights."""
+    from trainer.stages import teacher as teacher_stage
+    src = micro_run[0]
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    for root in (fresh, old):
+        _copy_prereqs(src, root)
+    cfg = apply_overrides(micro(), ["teacher.steps=6", "teacher.ema=0.5", "teacher.ckpt_every=100"])
+    teacher_stage.run(cfg, fresh)
+    state = torch.load(fresh / "teacher" / "state.pt", weights_only=True)
+    saved = load_dit(fresh / "teacher" / "teacher.safetensors").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in state["ema"].items())
+    assert not all(torch.equal(saved[k], v) for k, v in state["model"].items()), "saved the raw weights"
+
+    teacher_stage.run(apply_overrides(micro(), ["teacher.steps=5", "teacher.ema=0", "teacher.ckpt_every=100"]), old)
+    (old / "teacher" / "DONE.json").unlink()
+    assert "ema" not in torch.load(old / "teacher" / "state.pt", weights_only=True)
+    teacher_stage.run(cfg, old)  # one more step, now with an EMA: it starts as that step's weights
+    state = torch.load(old / "teacher" / "state.pt", weights_only=True)
+    assert state["step"] == 6
+    assert all(torch.equal(state["ema"][k], v) for k, v in state["model"].items())
+
+
+def test_teacher_lr_is_constant_until_decay_from_then_cosine_to_zero():
+    from trainer.schedules import lr_at
+    lrs = [lr_at(s, 100, 1e-3, decay_from=60) for s in range(100)]
+    assert lrs[:61] == [1e-3] * 61 and lrs[61] < 1e-3 and lrs[-1] < 1e-5
+    assert lrs[80] == pytest.approx(0.5e-3, rel=0.1)
 
 
 def test_two_processes_end_with_the_weights_of_one(micro_run, tmp_path):

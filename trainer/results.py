@@ -411,8 +411,7 @@ def run_switches(components, counts: Counts) -> dict:
                           before_all_four=before["correct"]["all_four"], after_all_four=after["correct"]["all_four"],
                           after_changed=after["correct"][kind], switched=sw["switched"],
                           latency_frames=sw["latency_frames"], jump_px=sw["jump_px"],
-                          # no object on one side of the switch: continuity is unknown, not a jump
-                          continuous=None if sw["jump_px"] is None else sw["continuous"]))
+                          continuous=sw["continuous"]))
     summary = {}
     for mode in SWITCH_MODES:
         for kind in dict.fromkeys(c["kind"] for c in cases):

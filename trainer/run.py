@@ -39,6 +39,7 @@ class StageRun:
         self.name, self.seed = name, seed
         self.acc = accelerator if accelerator is not None else make_accelerator()
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.missing: set[str] = set()  # optional state keys the resumed state.pt did not have
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
@@ -76,14 +77,18 @@ class StageRun:
         return [list(range(first + m * micro, first + (m + 1) * micro)) for m in range(grad_accum)]
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def resume(self, objects: dict[str, Any]) -> int:
-        """Load state.pt into the objects (anything with load_state_dict); return the step to start at."""
+    def resume(self, objects: dict[str, Any], optional: tuple[str, ...] = ()) -> int:
+        """Load state.pt into the objects (anything with load_state_dict); return the step to start at.
+        Keys in `optional` may be missing from an older state (e.g. an EMA added to a running stage):
+        those objects keep their current value."""
         if not self.state_path.exists():
             self._truncate_metrics(0)
             return 0
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        self.missing = {k for k in objects if k not in state and k in optional}
         for key, obj in objects.items():
-            obj.load_state_dict(state[key])
+            if key not in self.missing:
+                obj.load_state_dict(state[key])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
         self._truncate_metrics(step)
@@ -153,18 +158,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 loss_fn, extra_state: Optional[dict[str, Any]] = None, progress: bool = True,
-                after_step=None) -> torch.nn.Module:
+                after_step=None, lr_fn=None, optional_state: tuple[str, ...] = ()) -> torch.nn.Module:
     """The shared loop: resume, for each step: micro-batches (no DDP sync until the last), clip, step,
-    log, checkpoint; finally a last checkpoint. loss_fn(step, indices) -> (loss, metrics dict)."""
+    log, checkpoint; finally a last checkpoint. loss_fn(step, indices) -> (loss, metrics dict);
+    lr_fn(step) -> the learning rate of that step (None: the optimizer's own, constant)."""
     from tqdm import tqdm
 
     acc = run.acc
     model, optimizer = acc.prepare(model, optimizer)
     objects = {"model": model, "optimizer": optimizer, **(extra_state or {})}
-    start = run.resume({k: _unwrap(acc, v) for k, v in objects.items()})
+    start = run.resume({k: _unwrap(acc, v) for k, v in objects.items()}, optional=optional_state)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run.name,
                disable=not (progress and run.is_main), dynamic_ncols=True)
     for step in bar:
+        if lr_fn is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_fn(step)
         micro_batches = run.local_indices(step, cfg.batch, cfg.grad_accum)
         sums: dict[str, float] = {}
         for m, indices in enumerate(micro_batches):

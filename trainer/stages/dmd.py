@@ -25,6 +25,7 @@ from causvid_core.text import load_text_encoder
 from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun
+from ..schedules import update_ema
 from .common import encode, grid_index, load_frozen, output, require, student_steps
 from .teacher import latent_set
 
@@ -36,12 +37,6 @@ def sync_grads(acc, model: torch.nn.Module) -> None:
         if p.grad is not None:
             torch.distributed.all_reduce(p.grad)
             p.grad /= acc.num_processes
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
 
 
 def generate_from_data(gen, x0_data, noise, cond, steps, grid, chunk, u) -> torch.Tensor:

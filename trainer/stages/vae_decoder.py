@@ -8,7 +8,6 @@ change, so this stage can run beside the teacher and every DiT stage, as Stable 
 decoder was trained. Latent statistics are the VAE stage's (same encoder)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -18,15 +17,9 @@ from causvid_core.vae import load_vae, save_vae
 from ..config import TrainConfig
 from ..data import clip_batch
 from ..run import StageRun, train_steps
+from ..schedules import lr_at, set_lr
 from .common import output, require
 from .vae import reconstruction_loss
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to zero at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -46,8 +39,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     warmup = max(1, min(sc.warmup, sc.steps // 10))
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, sc.steps, sc.lr, warmup)
+        set_lr(opt, lr_at(step, sc.steps, sc.lr, warmup))
         tf = m.config.time_factor
         history = tf * int(r.rand(step, idx[:1], purpose=5)[0] * (sc.burn_in_frames // tf + 1))
         x, _ = clip_batch(data_seed + 1000, idx, sc.clip_frames + history)  # fresh clips
