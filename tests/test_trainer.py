@@ -92,7 +92,7 @@ def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16
         assert {k: done[k] for k in VARIANTS[name]} == VARIANTS[name]
         assert (path.parent.parent / "teacher").is_symlink()  # shared, not retrained
         assert not torch.equal(load_dit(path).blocks[0].ffn[0].weight, load_dit(root / "dmd" / "student.safetensors").blocks[0].ffn[0].weight)
-    sizes = publish(root, tmp_path / "builtin")
+    sizes = publish(root, tmp_path / "builtin", note="teacher resumed with an EMA")
     assert set(sizes) == {"student.safetensors", "vae.safetensors", "text.safetensors", "teacher.safetensors"}
     assert next(load_dit(tmp_path / "builtin" / "student.safetensors").parameters()).dtype == torch.float16
     comps = load_components(tmp_path / "builtin" / "student.safetensors")
@@ -104,6 +104,7 @@ def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16
         assert torch.allclose(p, comps.model.state_dict()[n], rtol=1e-3, atol=1e-4), n
     prov = json.loads((tmp_path / "builtin" / "PROVENANCE.json").read_text())
     assert set(prov["files"]) == set(sizes) and "dmd" in prov["stages"]
+    assert prov["note"] == "teacher resumed with an EMA"
     from trainer.publish import restore
     again = tmp_path / "again"
     assert restore(again, tmp_path / "builtin") == ["vae", "vae-decoder", "text", "teacher"]

@@ -36,6 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "plots and results.json go to results/ beside it")
     p.add_argument("--quick", action="store_true", help="results: a few prompts and short streams (tests)")
     p.add_argument("--dest", help="publish / restore: the built-in folder (default: causvid_core/builtin/)")
+    p.add_argument("--note", help="publish: how the run departed from a straight run of its config (resumes with "
+                                  "changed settings...), kept in PROVENANCE.json")
     args = p.parse_args(argv)
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
@@ -51,9 +53,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2
     elif args.stage == "publish":
+        from causvid_core.pipeline import BUILTIN_DIR
+
         from .publish import publish
         try:
-            sizes = publish(args.out, args.dest) if args.dest else publish(args.out)
+            sizes = publish(args.out, args.dest or BUILTIN_DIR, note=args.note)
         except (FileNotFoundError, ValueError) as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2

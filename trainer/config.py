@@ -190,7 +190,7 @@ def shapes() -> TrainConfig:
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four
-        teacher=TeacherStage(steps=14000, batch=16, lr=3e-4, ema=0.999, decay_from=8000, log_every=20,
+        teacher=TeacherStage(steps=18000, batch=16, lr=3e-4, ema=0.999, decay_from=8000, log_every=20,
                              ckpt_every=200),
         causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
         ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=3.0, batch=32),  # 768: ODE init memorised (0% held out)

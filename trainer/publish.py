@@ -48,8 +48,10 @@ def _stage_results(root: Path) -> dict:
     return out
 
 
-def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = True) -> dict[str, int]:
-    """Write the built-in files into dest; returns their sizes. Refuses a set over MAX_BYTES."""
+def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = True,
+            note: Optional[str] = None) -> dict[str, int]:
+    """Write the built-in files into dest; returns their sizes. Refuses a set over MAX_BYTES. `note` records
+    how the run departed from a straight run of its config (e.g. a stage resumed with new settings)."""
     root, dest = Path(root), Path(dest)
     student_src = root / BUILTIN_FILES["model"]
     if not (root / "export" / "DONE.json").exists() or not student_src.exists():
@@ -73,6 +75,8 @@ def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = Tr
                   "files": {f: {"bytes": sizes[f], "sha256": _sha256(dest / f)} for f in files},
                   "config": json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else None,
                   "stages": _stage_results(root)}
+    if note:
+        provenance["note"] = note
     atomic_write_text(dest / "PROVENANCE.json", json.dumps(provenance, indent=2) + "\n")
     return sizes
 
