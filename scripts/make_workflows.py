@@ -83,7 +83,7 @@ WORKFLOWS = {
                            "model": ["1", 0], "conditioning": ["2", 0], "width": 64, "height": 64, "length": 33,
                            "seed": 0, "steps": "model default"}},
                        "5": {"class_type": "VideoToVideoStream", "inputs": {
-                           "model": ["1", 0], "images": ["4", 0], "conditioning": ["3", 0], "strength": 0.6,
+                           "model": ["1", 0], "images": ["4", 0], "conditioning": ["3", 0], "strength": 0.7,
                            "seed": 1, "steps": "model default"}},
                        **save("6", ["5", 0], "video_to_video")},
     "endless_stream": {**model(window=12, sinks=3), **text("2", RED), **state("3", length=0),
