@@ -195,8 +195,10 @@ def shapes() -> TrainConfig:
         causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
         ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=3.0, batch=32),  # 768: ODE init memorised (0% held out)
         ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
+        # Self-Forcing's generator input (the student's own cached rollout): against CausVid's noised data it
+        # kept in-distribution all-four (45.8% vs 47.9%, n=48) and lifted held-out pairs 33.3% -> 45.8% (n=24)
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
-                     ema_start=100, log_every=10, ckpt_every=100),
+                     ema_start=100, generator_input="rollout", log_every=10, ckpt_every=100),
     )
 
 
