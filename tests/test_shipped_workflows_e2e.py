@@ -4,7 +4,7 @@ and show what its prompts ask for, judged from the pixels by the Shapes World ev
 
 Asserted: all four attributes (colour, shape, motion, background) of every workflow's prompt(s). The
 workflows' prompts are mostly circles, the shape the committed model draws best: its all-four rate over
-docs/RESULTS.md's prompts is ~48% (squares and triangles come out as rounded blobs; issue 6), so a passing
+docs/RESULTS.md's prompts is ~46% (squares and triangles come out as rounded blobs; issue 6), so a passing
 workflow here says the shipped graphs work and show their prompts, not that any prompt will."""
 from __future__ import annotations
 
