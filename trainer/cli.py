@@ -44,17 +44,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
+    from causvid_core.pipeline import BUILTIN_DIR
+
     from .pipeline import run_pipeline, run_stage
     if args.stage == "restore":
         from .publish import restore
         try:
-            print(json.dumps({"restored": restore(args.out, args.dest) if args.dest else restore(args.out)}))
+            print(json.dumps({"restored": restore(args.out, args.dest or BUILTIN_DIR)}))
         except FileNotFoundError as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2
     elif args.stage == "publish":
-        from causvid_core.pipeline import BUILTIN_DIR
-
         from .publish import publish
         try:
             sizes = publish(args.out, args.dest or BUILTIN_DIR, note=args.note)

@@ -23,6 +23,8 @@ from torch import Tensor
 from causvid_core.checkpoints import default_permissions
 from causvid_core.sampler import noise_seed
 
+from .schedules import set_lr
+
 
 def make_accelerator():
     """accelerate's Accelerator (CPU unless CUDA is there); DDP under `accelerate launch` / torchrun."""
@@ -172,8 +174,7 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
                disable=not (progress and run.is_main), dynamic_ncols=True)
     for step in bar:
         if lr_fn is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_fn(step)
+            set_lr(optimizer, lr_fn(step))
         micro_batches = run.local_indices(step, cfg.batch, cfg.grad_accum)
         sums: dict[str, float] = {}
         for m, indices in enumerate(micro_batches):

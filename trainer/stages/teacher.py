@@ -48,17 +48,17 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         t = grid_index(grid, r.rand(step, idx, purpose=3))
         return flow_matching_loss(m, x0, noise, t, cond, grid), {}
 
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if sc.ema else None
 
     def after_step(step: int, weights=model) -> None:
         fresh = step < sc.ema_start or "ema" in r.missing  # a state saved before the EMA existed: start it here
         r.missing.discard("ema")
         update_ema(ema, weights, 0.0 if fresh else sc.ema)
 
-    model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema} if sc.ema else None,
-                        after_step=after_step if sc.ema else None, optional_state=("ema",),
-                        lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, decay_from=sc.decay_from))
-    final = ema if sc.ema else model
+    lr_fn = None if sc.decay_from is None else (lambda step: lr_at(step, sc.steps, sc.lr, decay_from=sc.decay_from))
+    model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema} if ema is not None else None,
+                        after_step=after_step if ema is not None else None, optional_state=("ema",), lr_fn=lr_fn)
+    final = model if ema is None else ema
     if r.is_main:
         save_dit(final, output(root, "teacher"))
     r.finish(model=str(output(root, "teacher")), steps=sc.steps, ema=sc.ema, decay_from=sc.decay_from)

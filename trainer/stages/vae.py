@@ -24,6 +24,7 @@ from causvid_core.vae_layers import AttentionBlock, ResidualBlock
 from ..config import TrainConfig
 from ..data import clip_batch
 from ..run import StageRun, train_steps
+from ..schedules import lr_at
 from .common import output
 
 
@@ -125,8 +126,6 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     warmup = max(1, min(sc.warmup, sc.steps // 10))
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
-        for g in opt.param_groups:  # linear warm-up (set before this step's optimizer.step)
-            g["lr"] = sc.lr * min(1.0, (step + 1) / warmup)
         tf = m.config.time_factor
         # history shared by the step's samples: 0 (the whole clip, first frame included) .. burn_in_frames
         history = tf * int(r.rand(step, idx[:1], purpose=5)[0] * (sc.burn_in_frames // tf + 1))
@@ -142,7 +141,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         return rec + sc.kl_weight * kl, {**metrics, "kl": kl.item()}
 
-    vae = train_steps(r, sc, vae, opt, loss_fn).eval()
+    # linear warm-up, then constant (no decay before the last step)
+    vae = train_steps(r, sc, vae, opt, loss_fn,
+                      lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup, decay_from=sc.steps)).eval()
     mean, std = latent_stats(vae, data_seed + 1, sc.stats_clips, sc.clip_frames)
     final = WanVAE(vae.config.replace(latent_mean=tuple(mean), latent_std=tuple(std)))
     final.load_state_dict(vae.state_dict())

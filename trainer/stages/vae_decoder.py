@@ -17,7 +17,7 @@ from causvid_core.vae import load_vae, save_vae
 from ..config import TrainConfig
 from ..data import clip_batch
 from ..run import StageRun, train_steps
-from ..schedules import lr_at, set_lr
+from ..schedules import lr_at
 from .common import output, require
 from .vae import reconstruction_loss
 
@@ -39,7 +39,6 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     warmup = max(1, min(sc.warmup, sc.steps // 10))
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
-        set_lr(opt, lr_at(step, sc.steps, sc.lr, warmup))
         tf = m.config.time_factor
         history = tf * int(r.rand(step, idx[:1], purpose=5)[0] * (sc.burn_in_frames // tf + 1))
         x, _ = clip_batch(data_seed + 1000, idx, sc.clip_frames + history)  # fresh clips
@@ -54,7 +53,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         recon = m.decoder(m.conv2(mu), cache)
         return reconstruction_loss(recon, x, sc.fg_weight, sc.edge_weight)
 
-    vae = train_steps(r, sc, vae, opt, loss_fn).eval()
+    vae = train_steps(r, sc, vae, opt, loss_fn, lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup)).eval()
     if r.is_main:
         save_vae(vae, output(root, "vae-decoder"))
     r.finish(model=str(output(root, "vae-decoder")), steps=sc.steps,
