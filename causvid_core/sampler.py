@@ -99,16 +99,28 @@ def flow_sigmas(num_steps: int, shift: float) -> Tensor:
 
 
 def guided_flow(model, x: Tensor, t: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance: float,
-                caches: tuple = (None, None), **kw) -> Tensor:
-    """uncond + g * (cond - uncond); a single pass when g == 1 or there is no uncond."""
+                caches: tuple = (None, None), negatives: Sequence[Tensor] = (), contrast: float = 0.0,
+                negative_caches: Sequence = (), **kw) -> Tensor:
+    """uncond + g * (cond - uncond); a single pass when g == 1 or there is no uncond.
+
+    negatives / contrast: attribute-contrastive guidance, + contrast * (cond - mean over negatives),
+    each negative the prompt with one attribute word swapped for a rival; negative_caches: one KV
+    cache per negative for causal sampling."""
+    def flow(ctx: Tensor, cache) -> Tensor:
+        return model(x, t, ctx, **({"cache": cache, **kw} if cache is not None else kw))
+
     c_cache, u_cache = caches
-    extra = {"cache": c_cache, **kw} if c_cache is not None else kw
-    v_cond = model(x, t, cond, **extra)
-    if uncond is None or guidance == 1.0:
-        return v_cond
-    extra = {"cache": u_cache, **kw} if u_cache is not None else kw
-    v_uncond = model(x, t, uncond, **extra)
-    return v_uncond + guidance * (v_cond - v_uncond)
+    v_cond = flow(cond, c_cache)
+    v = v_cond
+    if uncond is not None and guidance != 1.0:
+        v_uncond = flow(uncond, u_cache)
+        v = v_uncond + guidance * (v_cond - v_uncond)
+    if negatives and contrast:
+        n_caches = list(negative_caches) or [None] * len(negatives)
+        if len(n_caches) != len(negatives) or (c_cache is not None and None in n_caches):
+            raise ValueError("contrastive guidance with KV caches needs one cache per negative")
+        v = v + contrast * (v_cond - torch.stack([flow(n, c) for n, c in zip(negatives, n_caches)]).mean(0))
+    return v
 
 
 def _t_like(sigma: Tensor, B: int, frames: Optional[int], device) -> Tensor:
@@ -158,19 +170,23 @@ def sample_flow(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sig
 @torch.no_grad()
 def sample_bidirectional(model, noise: Tensor, cond: Tensor, uncond: Optional[Tensor] = None, *,
                          steps: int = 50, shift: float = 8.0, guidance: float = 5.0, solver: str = "euler",
-                         keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
-    """The teacher: many steps over the whole clip at once, with classifier-free guidance."""
+                         keep: Sequence[int] = (), negatives: Sequence[Tensor] = (),
+                         contrast: float = 0.0) -> tuple[Tensor, dict[int, Tensor]]:
+    """The teacher: many steps over the whole clip at once, with classifier-free guidance (and
+    attribute-contrastive guidance when negatives are given, see `guided_flow`)."""
     sigmas = flow_sigmas(steps, shift)
-    return sample_flow(lambda x, t: guided_flow(model, x, t, cond, uncond, guidance), noise, sigmas, solver, keep)
+    return sample_flow(lambda x, t: guided_flow(model, x, t, cond, uncond, guidance, negatives=negatives,
+                                                contrast=contrast), noise, sigmas, solver, keep)
 
 
 @torch.no_grad()
 def sample_causal_teacher(model, noise: Tensor, cond: Tensor, uncond: Optional[Tensor] = None, *,
                           chunk_frames: int | Sequence[int] = 3, steps: int = 50, shift: float = 8.0,
                           guidance: float = 5.0, solver: str = "euler", window_frames: Optional[int] = None,
-                          sink_frames: int = 0) -> Tensor:
+                          sink_frames: int = 0, negatives: Sequence[Tensor] = (), contrast: float = 0.0) -> Tensor:
     """A causal model sampled chunk by chunk with many steps and guidance (the causal-teacher ablation).
-    One KV cache per conditioning; each finished chunk is written to both at t = 0."""
+    One KV cache per conditioning (and per contrastive negative); each finished chunk is written to all
+    of them at t = 0."""
     B, F = noise.shape[0], noise.shape[2]
     T = model.config.tokens_per_frame(*noise.shape[-2:])
     dtype = next(model.parameters()).dtype
@@ -182,13 +198,16 @@ def sample_causal_teacher(model, noise: Tensor, cond: Tensor, uncond: Optional[T
         return KVCache.full(model.config, batch=B, tokens_per_frame=T, frames=F, dtype=dtype, device=noise.device)
 
     caches = (make_cache(), make_cache() if uncond is not None and guidance != 1.0 else None)
+    negatives = list(negatives) if contrast else []
+    neg_caches = [make_cache() for _ in negatives]
     sigmas = flow_sigmas(steps, shift)
     out, s = [], 0
     for n in chunk_sizes(F, chunk_frames):
         def velocity(x: Tensor, t: Tensor, s=s) -> Tensor:
-            return guided_flow(model, x, t, cond, uncond, guidance, caches=caches, start_frame=s)
+            return guided_flow(model, x, t, cond, uncond, guidance, caches=caches, negatives=negatives,
+                               contrast=contrast, negative_caches=neg_caches, start_frame=s)
         x0, _ = sample_flow(velocity, noise[:, :, s:s + n], sigmas, solver, per_frame=True)
-        for cache, ctx in zip(caches, (cond, uncond)):
+        for cache, ctx in zip([*caches, *neg_caches], [cond, uncond, *negatives]):
             if cache is not None:
                 refresh_cache(model, x0, ctx, cache=cache, start_frame=s)
         out.append(x0)

@@ -30,7 +30,8 @@ class LoadCausalModel:
             "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
                                          "tooltip": "latent frames per chunk; 0 = the model's own (3)"}),
             "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
-                                      "tooltip": "rolling KV window in latent frames for endless streams; 0 = keep all"}),
+                                      "tooltip": "rolling KV window in latent frames for endless streams; "
+                                                 "0 = the model's own (built-in: 9) or, without one, keep all"}),
             "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "first frames never evicted from the window (LongLive: 3)"}),
         }}

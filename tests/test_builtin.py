@@ -51,6 +51,18 @@ def test_builtin_loads_as_float32_with_its_stream_settings(components):
     assert components.stream_defaults["chunk_frames"] == 3 and len(components.stream_defaults["steps"]) == 4
 
 
+def test_builtin_rolling_window_is_its_training_context_and_changes_no_short_clip(components):
+    """The built-in model streams in a window of the 9 latent frames it trained on (2 past chunks + 1);
+    a 33-frame clip (9 latent frames) fits it whole, so it is exactly the full-cache clip."""
+    d = components.stream_defaults
+    assert (d["window_frames"], d["sink_frames"]) == (3 * d["chunk_frames"], 0)
+    prompt = [PromptEvent(0, "a blue square moving up on a gray background")]
+    windowed = generate_video(components, GenerationRequest(prompts=prompt, frames=33, seed=4), notice=lambda m: None)
+    full = generate_video(components, GenerationRequest(prompts=prompt, frames=33, seed=4,
+                                                        settings={"window_frames": None}), notice=lambda m: None)
+    assert (windowed == full).all()
+
+
 def test_causvid_generate_defaults_to_the_builtin_model(tmp_path):
     out = tmp_path / "clip.mp4"
     r = subprocess.run([sys.executable, "-m", "causvid_core.cli", "generate", "--prompt",

@@ -17,7 +17,7 @@ from causvid_core.vae import random_vae, save_vae
 from conftest import tiny_model
 from trainer.ablation import variant_root
 from trainer.cli import main
-from trainer.results import DRIFT_VARIANTS, model_rows, start_noise
+from trainer.results import DRIFT_VARIANTS, CacheVariant, drift_variants, model_rows, start_noise
 from trainer.stages.common import output
 
 SECTIONS = ("# Results", "## What is weak", "## Teacher vs student", "## Speed: one clip end to end",
@@ -77,7 +77,7 @@ def test_results_json_and_plots(report):
     assert res["rows"]["student"]["summary"]["in_distribution"]["n"] == res["counts"]["n_in"]
     assert res["rows"]["teacher"]["nfe"] == 2 * res["many_step"]["steps"]  # guided: two evaluations a step
     assert res["speed"]["fps"] > 0 and res["wall_s"] > 0
-    assert len(res["drift"]) == len(DRIFT_VARIANTS) and res["v2v"]["by_strength"]["0.7"]["frames_kept"] == 1.0
+    assert len(res["drift"]) == len(drift_variants(res["stream_defaults"])) and res["v2v"]["by_strength"]["0.7"]["frames_kept"] == 1.0
     for name in ("accuracy.png", "drift.png", "drift_window_sinks.png"):
         assert Image.open(folder / name).size[0] > 100, name
     assert not list(folder.glob(".*tmp*")), "a temporary file was left behind"
@@ -103,3 +103,10 @@ def test_drift_compare_plot(tmp_path, backend):
               "flicker": [None, None, None]}
     path = plot_drift_compare({"a": {"curves": curves}, "b": {"curves": curves}}, tmp_path / "d.png", backend=backend)
     assert Image.open(path).size[0] > 100
+
+
+def test_drift_adds_the_models_own_window_once():
+    assert drift_variants({}) == DRIFT_VARIANTS
+    assert drift_variants({"window_frames": 12, "sink_frames": 3}) == DRIFT_VARIANTS
+    extra = drift_variants({"window_frames": 9, "sink_frames": 0})[-1]
+    assert extra == CacheVariant("window 9, no sinks (the model's default)", 9, 0)

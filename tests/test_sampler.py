@@ -88,25 +88,32 @@ def test_guidance_is_uncond_plus_scale_times_difference():
         vc, vu = model(x, t, c), model(x, t, u)
         assert_close(guided_flow(model, x, t, c, u, 4.0), vu + 4.0 * (vc - vu), atol=1e-5, what="cfg")
         assert_close(guided_flow(model, x, t, c, u, 1.0), vc, atol=0, rtol=0, what="g = 1 is one pass")
+        n1, n2 = torch.randn(1, 4, 24), torch.randn(1, 4, 24)
+        vn = (model(x, t, n1) + model(x, t, n2)) / 2
+        assert_close(guided_flow(model, x, t, c, u, 4.0, negatives=[n1, n2], contrast=2.0),
+                     vu + 4.0 * (vc - vu) + 2.0 * (vc - vn), atol=1e-5, what="contrastive guidance")
 
 
-def test_causal_teacher_sampler_equals_a_cache_free_computation():
+@pytest.mark.parametrize("contrast", [0.0, 1.5])
+def test_causal_teacher_sampler_equals_a_cache_free_computation(contrast):
     """Each chunk integrated with many guided steps, conditioned on the clean past; one cache per
-    conditioning in the sampler, the block-causal forward over [past; chunk] here."""
+    conditioning (and per contrastive negative) in the sampler, the block-causal forward over
+    [past; chunk] here."""
     model = tiny_model(seed=2)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(1, 16, 6, 2, 2, generator=g)
     c, u = torch.randn(1, 4, 24, generator=g), torch.zeros(1, 4, 24)
+    negs = [torch.randn(1, 4, 24, generator=g) for _ in range(2)]
     with torch.no_grad():
-        out = sample_causal_teacher(model, noise, c, u, chunk_frames=3, steps=6, shift=3.0, guidance=2.0)
+        out = sample_causal_teacher(model, noise, c, u, chunk_frames=3, steps=6, shift=3.0, guidance=2.0,
+                                    negatives=negs, contrast=contrast)
         past = []
         for s in (0, 3):
             def velocity(x, t, s=s):
                 seq = torch.cat(past + [x], dim=2)
                 tt = torch.cat([torch.zeros(1, s), t], dim=1)
-                vc = model(seq, tt, c, chunk_frames=3)[:, :, s:]
-                vu = model(seq, tt, u, chunk_frames=3)[:, :, s:]
-                return vu + 2.0 * (vc - vu)
+                vc, vu, *vn = (model(seq, tt, ctx, chunk_frames=3)[:, :, s:] for ctx in [c, u, *negs])
+                return vu + 2.0 * (vc - vu) + contrast * (vc - (vn[0] + vn[1]) / 2)
             x0, _ = sample_flow(velocity, noise[:, :, s:s + 3], flow_sigmas(6, 3.0), per_frame=True)
             past.append(x0)
     assert_close(out, torch.cat(past, dim=2), atol=1e-4, what="causal teacher")

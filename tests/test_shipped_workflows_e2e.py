@@ -30,9 +30,9 @@ ASSERTED = ("colour", "shape", "motion", "background")
 # still run to success with the right frames; its content check is expected to fail (xfail) and the test
 # fails when it starts to pass, so this list cannot go stale.
 KNOWN_GAPS = {
-    "endless_stream": "long streams glitch: over 30-chunk streams ~9% of chunks lose colour, background or "
-                      "motion (window 12 + 3 sinks; 7% without sinks); here the last of 20 chunks turns the "
-                      "background to forest",
+    "endless_stream": "long streams glitch: over ten 30-chunk streams colour, background or motion go wrong in "
+                      "5% of chunks (window 9, no sinks) and the shape in 12%; here the last of 20 chunks loses "
+                      "its motion and its circle",
 }
 
 

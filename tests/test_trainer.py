@@ -16,7 +16,7 @@ import torch
 
 from causvid_core.checkpoints import load_dit
 from trainer.config import apply_overrides, micro, preset
-from trainer.losses import dmd_generator_loss
+from trainer.losses import contrast_prompts, dmd_generator_loss, guided_x0
 from trainer.pipeline import run_pipeline, run_stage
 
 PY = sys.executable
@@ -254,6 +254,44 @@ def test_dmd_variants_train(micro_run, tmp_path, changes):
     assert any("loss_dmd" in r and r["gen_grad_norm"] > 0 for r in rows)
     done = json.loads((root / "dmd" / "DONE.json").read_text())
     assert all(done[k.split("=")[0].split(".")[1]] == k.split("=")[1] for k in changes)
+
+
+def test_contrast_prompts_swap_one_word_for_each_rival():
+    groups = [["circle", "square", "triangle"]]
+    neg = contrast_prompts(["a red square moving up on a black background", ""], groups)
+    assert neg == [["a red triangle moving up on a black background", ""],
+                   ["a red circle moving up on a black background", ""]]
+
+
+def test_contrastive_guidance_adds_the_gap_to_the_mean_rival():
+    from causvid_core.flow import FlowGrid
+
+    def model(x_t, t, ctx, chunk_frames=None):  # a flow that depends on the context only
+        return ctx.sum(dim=(1, 2)).view(-1, 1, 1, 1, 1).expand_as(x_t)
+
+    grid, x_t, t = FlowGrid(5.0), torch.zeros(1, 1, 1, 1, 1), torch.tensor([500.0])
+    ctx = {name: torch.full((1, 1, 1), v) for name, v in (("c", 1.0), ("u", 0.0), ("a", 3.0), ("b", 5.0))}
+    sigma = float(grid.sigma(t))
+    x0 = {k: -sigma * float(v.sum()) for k, v in ctx.items()}  # x0 = x_t - sigma * flow
+    got = guided_x0(model, x_t, t, ctx["c"], ctx["u"], 2.0, grid, negatives=[ctx["a"], ctx["b"]], contrast=0.5)
+    want = x0["c"] + 2.0 * (x0["c"] - x0["u"]) + 0.5 * (x0["c"] - (x0["a"] + x0["b"]) / 2)
+    assert abs(got.item() - want) < 1e-6
+    plain = guided_x0(model, x_t, t, ctx["c"], ctx["u"], 2.0, grid)
+    assert abs(plain.item() - (x0["c"] + 2.0 * (x0["c"] - x0["u"]))) < 1e-6
+
+
+def test_dmd_with_contrastive_real_score_trains(micro_run, tmp_path):
+    src = micro_run[0]
+    root = tmp_path / "r"
+    _copy_prereqs(src, root)
+    for name in ("teacher", "ode-pairs", "ode-init"):
+        shutil.copytree(src / name, root / name)
+    cfg = apply_overrides(micro(), ["dmd.steps=2", "dmd.gen_every=1", "dmd.contrast=3.0",
+                                    'dmd.contrast_words=[["circle","square","triangle"]]'])
+    run_stage("dmd", cfg, root)
+    rows = [json.loads(l) for l in (root / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_dmd" in r and r["gen_grad_norm"] > 0 for r in rows)
+    assert json.loads((root / "dmd" / "DONE.json").read_text())["contrast"] == 3.0
 
 
 def test_self_rollout_backpropagates_through_the_exit_step_only():

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+SHAPE_WORDS = ("circle", "square", "triangle")  # Shapes World's rival shape words (causvid_core.world.SHAPES)
+
 
 @dataclass
 class LoopConfig:
@@ -90,6 +92,10 @@ class ODEPairsStage:
     teacher_steps: int = 48  # a multiple of 4: the student's warped steps are points of this grid
     guidance: float = 3.0
     batch: int = 8
+    # attribute-contrastive guidance: + contrast * (cond - prompts with a rival word), rivals from each
+    # group of contrast_words (trainer.losses.contrast_prompts); 0 or no groups: plain CFG
+    contrast: float = 0.0
+    contrast_words: list = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +115,8 @@ class DMDStage(LoopConfig):
     generator_input: str = "data"  # "data" (CausVid: data noised to the step list) | "rollout" (Self-Forcing)
     real_score: str = "teacher"  # "teacher" (bidirectional) | "causal-teacher" (the ablation)
     init: str = "ode-init"  # "ode-init" | "teacher" (the ablation without ODE initialisation)
+    contrast: float = 0.0  # the real score's attribute-contrastive guidance (see ODEPairsStage)
+    contrast_words: list = field(default_factory=list)
 
 
 @dataclass
@@ -193,12 +201,21 @@ def shapes() -> TrainConfig:
         teacher=TeacherStage(steps=18000, batch=16, lr=3e-4, ema=0.999, decay_from=8000, log_every=20,
                              ckpt_every=200),
         causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
-        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=3.0, batch=32),  # 768: ODE init memorised (0% held out)
+        # 768 pairs: ODE init memorised (0% held out). Shape-contrastive guidance (+1.5 x (square - mean of
+        # circle, triangle) for a square): the teacher draws squares 10/16 instead of 2/16, all-four 29/48
+        # instead of 21/48 (triangles stay circles); at 3 the distilled student drew squares too big to find
+        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=3.0, batch=32, contrast=1.5,
+                                contrast_words=[list(SHAPE_WORDS)]),
         ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
         # Self-Forcing's generator input (the student's own cached rollout): against CausVid's noised data it
         # kept in-distribution all-four (45.8% vs 47.9%, n=48) and lifted held-out pairs 33.3% -> 45.8% (n=24)
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
-                     ema_start=100, generator_input="rollout", log_every=10, ckpt_every=100),
+                     ema_start=100, generator_input="rollout", contrast=1.5, contrast_words=[list(SHAPE_WORDS)],
+                     log_every=10, ckpt_every=100),
+        # the rolling window of endless streams: the context the model trained on (9 latent frames: two past
+        # chunks + the current one). Ten 30-chunk streams: colour, background or motion wrong in 16/300 chunks
+        # at 9 + 0 (16 at 12 + 0, 27 at 12 + 3); with the student before contrastive guidance 9 / 24 / 32
+        student=StudentConfig(window_frames=9, sink_frames=0),
     )
 
 

@@ -3,7 +3,7 @@ the critic's denoising loss. All go through the same parameterisation (causvid_c
 x_t = (1 - sigma) x0 + sigma noise, the models predict the flow v = noise - x0."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +37,41 @@ def ode_regression_loss(student, x_t: Tensor, t: Tensor, cond: Tensor, x0_target
 
 
 def guided_x0(model, x_t: Tensor, t: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance: float,
-              grid: FlowGrid, chunk_frames=None) -> Tensor:
-    """x0 from a (guided) score: cond + g * (cond - uncond) on x0 (effective CFG 1 + g, as in CausVid)."""
-    x0_c = grid.flow_to_x0(model(x_t, t, cond, chunk_frames=chunk_frames), x_t, t)
-    if uncond is None or guidance == 0:
-        return x0_c
-    x0_u = grid.flow_to_x0(model(x_t, t, uncond, chunk_frames=chunk_frames), x_t, t)
-    return x0_c + guidance * (x0_c - x0_u)
+              grid: FlowGrid, chunk_frames=None, negatives: Sequence[Tensor] = (), contrast: float = 0.0) -> Tensor:
+    """x0 from a (guided) score: cond + g * (cond - uncond) on x0 (effective CFG 1 + g, as in CausVid),
+    plus contrast * (cond - mean over negatives) when negatives are given (attribute-contrastive
+    guidance: each negative is the prompt with one word swapped for a rival, see `contrast_prompts`)."""
+    def x0_of(ctx: Tensor) -> Tensor:
+        return grid.flow_to_x0(model(x_t, t, ctx, chunk_frames=chunk_frames), x_t, t)
+
+    x0_c = x0_of(cond)
+    out = x0_c
+    if uncond is not None and guidance != 0:
+        out = out + guidance * (x0_c - x0_of(uncond))
+    if negatives and contrast != 0:
+        out = out + contrast * (x0_c - torch.stack([x0_of(n) for n in negatives]).mean(0))
+    return out
+
+
+def contrast_prompts(prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Negatives for attribute-contrastive guidance: [K][B] prompts, K = sum(len(group) - 1).
+
+    Negative k of a prompt swaps its word of one group for another word of that group ("a red circle"
+    -> "a red square", "a red triangle"); a prompt without a word of the group is its own negative
+    (no contrast), so every batch has the same K."""
+    out: list[list[str]] = []
+    for group in groups:
+        for k in range(1, len(group)):
+            row = []
+            for p in prompts:
+                words = p.split(" ")
+                hits = [i for i, w in enumerate(words) if w in group]
+                if hits:
+                    i = hits[0]
+                    words[i] = group[(list(group).index(words[i]) + k) % len(group)]
+                row.append(" ".join(words))
+            out.append(row)
+    return out
 
 
 def dmd_generator_loss(x_gen: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from causvid_core.schedule import SWITCH_MODES
 from .ablation import variant_root
 from .config import TrainConfig
 from .results_doc import DEFAULT_DOC, weak_points, write_outputs
-from .stages.common import output, student_steps
+from .stages.common import contrast_negatives, output, student_steps
 
 
 # Seeds. In-distribution prompt i is generated with seed i, held-out prompt j with HELD_OUT_SEED + j,
@@ -121,6 +121,15 @@ DRIFT_VARIANTS = (CacheVariant("full cache (no window)", None), CacheVariant("wi
                   CacheVariant("window 12, no sinks", 12, 0))
 
 
+def drift_variants(defaults: dict) -> tuple[CacheVariant, ...]:
+    """DRIFT_VARIANTS plus the model's own rolling window (its stream defaults) when it has another one."""
+    w, k = defaults.get("window_frames"), defaults.get("sink_frames", 0)
+    if not w or any(v.window == w and v.sinks == k for v in DRIFT_VARIANTS):
+        return DRIFT_VARIANTS
+    sinks = f"+ {k} sinks" if k else "no sinks"
+    return DRIFT_VARIANTS + (CacheVariant(f"window {w}, {sinks} (the model's default)", w, k),)
+
+
 @dataclass(frozen=True)
 class ModelRow:
     key: str
@@ -155,15 +164,24 @@ class ManyStep:
     shift: float
     guidance: float
     chunk_frames: int
+    contrast: float = 0.0  # attribute-contrastive guidance (ODEPairsStage.contrast) and its word groups
+    contrast_words: tuple = ()
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "ManyStep":
-        return cls(cfg.ode_pairs.teacher_steps, student_steps(cfg)[0], cfg.ode_pairs.guidance, cfg.student.chunk_frames)
+        op = cfg.ode_pairs
+        words = tuple(tuple(g) for g in op.contrast_words) if op.contrast else ()
+        return cls(op.teacher_steps, student_steps(cfg)[0], op.guidance, cfg.student.chunk_frames,
+                   op.contrast if words else 0.0, words)
+
+    def negatives(self, text_encoder, prompts: list[str]) -> list[torch.Tensor]:
+        return contrast_negatives(text_encoder, prompts, self.contrast, self.contrast_words)
 
     def nfe(self, kind: str, latent_frames: int) -> int:
-        """Model evaluations per clip: a guided step costs two; the causal teacher adds one cache
-        write per chunk and conditioning."""
-        per_step = 2 if self.guidance != 1.0 else 1
+        """Model evaluations per clip: a guided step costs two (plus one per contrastive rival); the
+        causal teacher adds one cache write per chunk and conditioning."""
+        rivals = sum(len(g) - 1 for g in self.contrast_words) if self.contrast else 0
+        per_step = (2 if self.guidance != 1.0 else 1) + rivals
         if kind == "bidirectional":
             return self.steps * per_step
         return _chunks(latent_frames, self.chunk_frames) * (self.steps + 1) * per_step
@@ -211,12 +229,13 @@ def many_step_batch(components, kind: str, prompts: list[str], seeds: list[int],
              *latent_size(components, world.FRAME_SIZE, world.FRAME_SIZE))
     noise = torch.cat([start_noise(s, ms.chunk_frames, shape) for s in seeds])  # [B, C, F, h, w]
     cond, uncond = text.encode(prompts), text.encode([""] * len(prompts))
+    rivals = dict(negatives=ms.negatives(text, prompts), contrast=ms.contrast)
     if kind == "bidirectional":
         x0, _ = sample_bidirectional(model, noise, cond, uncond, steps=ms.steps, shift=ms.shift,
-                                     guidance=ms.guidance)
+                                     guidance=ms.guidance, **rivals)
     else:
         x0 = sample_causal_teacher(model, noise, cond, uncond, chunk_frames=ms.chunk_frames, steps=ms.steps,
-                                   shift=ms.shift, guidance=ms.guidance)
+                                   shift=ms.shift, guidance=ms.guidance, **rivals)
     video = components.vae.decode(x0.float())  # [B, 3, T, H, W]
     return [to_uint8(v) for v in video]
 
@@ -351,7 +370,7 @@ def run_drift(components, counts: Counts) -> dict:
     cf = components.stream_defaults["chunk_frames"]
     specs = eval_specs(counts.drift_streams, "train", STREAM_PROMPT_SEED)
     out = {}
-    for v in tqdm(DRIFT_VARIANTS, desc="drift", disable=None):
+    for v in tqdm(drift_variants(components.stream_defaults), desc="drift", disable=None):
         window = v.window or counts.drift_chunks * cf  # never evicts: exactly a full cache
         runs, speed = [], []
         for j, spec in enumerate(specs):

@@ -182,6 +182,15 @@ def _teacher_prefix(c: dict) -> str:
     return f" (many-step rows: the first {c['teacher_n_in']} + {c['teacher_n_held']} of them)"
 
 
+def _contrast_text(ms: dict) -> str:
+    """How the many-step rows' attribute-contrastive guidance reads in prose ('' when off)."""
+    if not ms.get("contrast"):
+        return ""
+    groups = "; ".join(" / ".join(g) for g in ms["contrast_words"])
+    return (f", plus contrastive guidance {ms['contrast']} against the prompt with its rival words ({groups}), "
+            "the guidance the ODE pairs and the DMD real score used")
+
+
 def section_teacher_student(res: dict) -> str:
     rows, ceil, ms = res["rows"], res["ceilings"], res["many_step"]
     entries = {"renderer (ceiling)": ceil["renderer"]["shared"], "VAE round trip (ceiling)": ceil["vae"]["shared"]}
@@ -191,8 +200,8 @@ def section_teacher_student(res: dict) -> str:
     if rows["student"]["summary"]["all"]["n"] > rows["student"]["shared"]["all"]["n"]:
         entries["student, all prompts"] = rows["student"]["summary"]
     text = ("## Teacher vs student\n\n"
-            f"Teacher: bidirectional, {ms['steps']} Euler steps, shift {ms['shift']}, guidance {ms['guidance']}, "
-            f"whole clip at once. Student: causal, {len(res['stream_defaults']['steps'])} steps per chunk of "
+            f"Teacher: bidirectional, {ms['steps']} Euler steps, shift {ms['shift']}, guidance {ms['guidance']}"
+            f"{_contrast_text(ms)}, whole clip at once. Student: causal, {len(res['stream_defaults']['steps'])} steps per chunk of "
             f"{res['stream_defaults']['chunk_frames']} latent frames, KV cache. Rows on the shared prompts unless "
             "said otherwise. Text alignment: colour / shape / motion / background / all four; frame quality: "
             "IoU, palette and background distances; temporal quality: flicker, track smoothness, area CV, "
@@ -226,7 +235,7 @@ def section_speed(res: dict) -> str:
 def section_ablation(res: dict) -> str:
     head = ["row", "all-four in-dist", "all-four held-out", *ATTRIBUTES, "IoU", "flicker", "steps (model evals)",
             "s / clip"]
-    lines = []
+    lines, ms = [], res["many_step"]
     for r in res["rows"].values():
         if r["status"] != "ok":
             lines.append([r["label"], "not trained", *["-"] * (len(head) - 2)])
@@ -238,7 +247,8 @@ def section_ablation(res: dict) -> str:
     return ("## Ablation (the paper's Table 4 at this scale)\n\n"
             "All rows on the same shared prompts and seeds; per-attribute accuracy over in-distribution and "
             "held-out together. Steps: per clip (bidirectional) or per chunk (causal); model evals per clip in "
-            "brackets (guidance doubles them, each causal chunk adds a cache write).\n\n" + md_table(head, lines))
+            "brackets (guidance doubles them, each contrastive rival adds one, each causal chunk adds a cache "
+            f"write). Many-step rows sample as the ODE pairs did{_contrast_text(ms) or ''}.\n\n" + md_table(head, lines))
 
 
 def section_held_out(res: dict) -> str:

@@ -10,6 +10,7 @@ from causvid_core.flow import FlowGrid, step_preset
 from causvid_core.model import WanDiT
 
 from ..config import TrainConfig
+from ..losses import contrast_prompts
 
 STAGE_OUTPUTS = {
     "vae": ("vae", "vae.safetensors"),
@@ -65,3 +66,10 @@ def grid_index(grid: FlowGrid, u: torch.Tensor, lo: float = 0.0, hi: float = 100
 def encode(text_encoder, prompts: list[str]) -> torch.Tensor:
     with torch.no_grad():
         return text_encoder.encode(prompts)
+
+
+def contrast_negatives(text_encoder, prompts: list[str], weight: float, words: list) -> list[torch.Tensor]:
+    """The encoded rivals of attribute-contrastive guidance ([] when it is off): K x [B, L, D]."""
+    if not weight or not words:
+        return []
+    return [encode(text_encoder, rivals) for rivals in contrast_prompts(prompts, words)]

@@ -26,7 +26,7 @@ from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun
 from ..schedules import update_ema
-from .common import encode, grid_index, load_frozen, output, require, student_steps
+from .common import contrast_negatives, encode, grid_index, load_frozen, output, require, student_steps
 from .teacher import latent_set
 
 
@@ -113,8 +113,10 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
             x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8), t)
             with torch.no_grad():
                 tt = t.unsqueeze(1).expand(B, F) if real_causal else t
+                negatives = contrast_negatives(text, prompts, sc.contrast, sc.contrast_words)
                 x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
-                                    chunk_frames=chunk if real_causal else None)
+                                    chunk_frames=chunk if real_causal else None, negatives=negatives,
+                                    contrast=sc.contrast)
                 x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
             loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
             loss_g.backward()
@@ -142,4 +144,5 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     if r.is_main:
         save_dit(ema, output(root, "dmd"))
     r.finish(model=str(output(root, "dmd")), steps=sc.steps, generator_input=sc.generator_input,
-             real_score=sc.real_score, init=sc.init)
+             real_score=sc.real_score, init=sc.init,
+             contrast=sc.contrast if sc.contrast_words else 0.0)

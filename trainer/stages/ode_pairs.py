@@ -16,7 +16,7 @@ from causvid_core.text import load_text_encoder
 from ..config import TrainConfig
 from ..data import prompt_batch, save_ode_shard
 from ..run import StageRun
-from .common import dit_config, encode, load_frozen, require, student_steps
+from .common import contrast_negatives, dit_config, encode, load_frozen, require, student_steps
 
 
 def keep_indices(teacher_steps: int, shift: float, steps: list[float]) -> list[int]:
@@ -55,12 +55,14 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         prompts = prompt_batch(cfg.data.seed + 1, idx)
         cond, uncond = encode(text, prompts), encode(text, [""] * len(idx))
         noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
+        negatives = contrast_negatives(text, prompts, sc.contrast, sc.contrast_words)
         _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
-                                       guidance=sc.guidance, keep=keep)
+                                       guidance=sc.guidance, keep=keep, negatives=negatives, contrast=sc.contrast)
         states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
         save_ode_shard(path, states, prompts, list(steps) + [0.0])
     r.acc.wait_for_everyone()
-    r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0])
+    r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0],
+             contrast=sc.contrast if sc.contrast_words else 0.0)
 
 
 def _latent_hw(root: Path) -> tuple[int, int]:
