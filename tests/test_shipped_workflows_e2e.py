@@ -33,6 +33,9 @@ KNOWN_GAPS = {
     "endless_stream": "long streams glitch: over ten 30-chunk streams colour, background or motion go wrong in "
                       "5% of chunks (window 9, no sinks) and the shape in 12%; here the last of 20 chunks loses "
                       "its motion and its circle",
+    "prompt_schedule": "shape past the trained 9 latent frames: the first segment (45 frames, seed 0) of the red "
+                       "circle comes out square enough to read as one (seeds 1-3: circle, none, circle); long "
+                       "streams misread the shape in 12% of chunks",
 }
 
 
