@@ -87,15 +87,24 @@ class CausalTeacherStage(LoopConfig):
 
 
 @dataclass
-class ODEPairsStage:
+class ContrastGuidance:
+    """Attribute-contrastive guidance of a teacher's targets: + contrast * (cond - prompts with a rival
+    word), rivals from each group of contrast_words (trainer.losses.contrast_prompts)."""
+    contrast: float = 0.0
+    contrast_words: list = field(default_factory=list)
+
+    @property
+    def active_contrast(self) -> float:
+        """The weight in effect: 0 without word groups (plain CFG)."""
+        return self.contrast if self.contrast_words else 0.0
+
+
+@dataclass
+class ODEPairsStage(ContrastGuidance):
     num_pairs: int = 256
     teacher_steps: int = 48  # a multiple of 4: the student's warped steps are points of this grid
     guidance: float = 3.0
     batch: int = 8
-    # attribute-contrastive guidance: + contrast * (cond - prompts with a rival word), rivals from each
-    # group of contrast_words (trainer.losses.contrast_prompts); 0 or no groups: plain CFG
-    contrast: float = 0.0
-    contrast_words: list = field(default_factory=list)
 
 
 @dataclass
@@ -104,7 +113,7 @@ class ODEInitStage(LoopConfig):
 
 
 @dataclass
-class DMDStage(LoopConfig):
+class DMDStage(LoopConfig, ContrastGuidance):  # contrast: of the real score
     lr_critic: float = 1e-4
     gen_every: int = 5  # generator updated every 5th step, critic every step (CausVid)
     guidance: float = 3.0  # real score: cond + g * (cond - uncond)
@@ -115,8 +124,6 @@ class DMDStage(LoopConfig):
     generator_input: str = "data"  # "data" (CausVid: data noised to the step list) | "rollout" (Self-Forcing)
     real_score: str = "teacher"  # "teacher" (bidirectional) | "causal-teacher" (the ablation)
     init: str = "ode-init"  # "ode-init" | "teacher" (the ablation without ODE initialisation)
-    contrast: float = 0.0  # the real score's attribute-contrastive guidance (see ODEPairsStage)
-    contrast_words: list = field(default_factory=list)
 
 
 @dataclass

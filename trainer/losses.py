@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causvid_core.flow import FlowGrid
+from causvid_core.sampler import guided_flow
 
 
 def per_frame(t: Tensor, frames: int) -> Tensor:
@@ -39,18 +40,11 @@ def ode_regression_loss(student, x_t: Tensor, t: Tensor, cond: Tensor, x0_target
 def guided_x0(model, x_t: Tensor, t: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance: float,
               grid: FlowGrid, chunk_frames=None, negatives: Sequence[Tensor] = (), contrast: float = 0.0) -> Tensor:
     """x0 from a (guided) score: cond + g * (cond - uncond) on x0 (effective CFG 1 + g, as in CausVid),
-    plus contrast * (cond - mean over negatives) when negatives are given (attribute-contrastive
-    guidance: each negative is the prompt with one word swapped for a rival, see `contrast_prompts`)."""
-    def x0_of(ctx: Tensor) -> Tensor:
-        return grid.flow_to_x0(model(x_t, t, ctx, chunk_frames=chunk_frames), x_t, t)
-
-    x0_c = x0_of(cond)
-    out = x0_c
-    if uncond is not None and guidance != 0:
-        out = out + guidance * (x0_c - x0_of(uncond))
-    if negatives and contrast != 0:
-        out = out + contrast * (x0_c - torch.stack([x0_of(n) for n in negatives]).mean(0))
-    return out
+    plus contrast * (cond - mean over negatives) (see `contrast_prompts`). x0 is affine in the flow, so this
+    is the x0 of the sampler's guided flow at CFG 1 + g."""
+    flow = guided_flow(model, x_t, t, cond, uncond, 1.0 + guidance, negatives=negatives, contrast=contrast,
+                       chunk_frames=chunk_frames)
+    return grid.flow_to_x0(flow, x_t, t)
 
 
 def contrast_prompts(prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[str]]:

@@ -170,9 +170,9 @@ class ManyStep:
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "ManyStep":
         op = cfg.ode_pairs
-        words = tuple(tuple(g) for g in op.contrast_words) if op.contrast else ()
+        words = tuple(tuple(g) for g in op.contrast_words) if op.active_contrast else ()
         return cls(op.teacher_steps, student_steps(cfg)[0], op.guidance, cfg.student.chunk_frames,
-                   op.contrast if words else 0.0, words)
+                   op.active_contrast, words)
 
     def negatives(self, text_encoder, prompts: list[str]) -> list[torch.Tensor]:
         return contrast_negatives(text_encoder, prompts, self.contrast, self.contrast_words)

@@ -68,7 +68,7 @@ def encode(text_encoder, prompts: list[str]) -> torch.Tensor:
         return text_encoder.encode(prompts)
 
 
-def contrast_negatives(text_encoder, prompts: list[str], weight: float, words: list) -> list[torch.Tensor]:
+def contrast_negatives(text_encoder, prompts: list[str], weight: float, words) -> list[torch.Tensor]:
     """The encoded rivals of attribute-contrastive guidance ([] when it is off): K x [B, L, D]."""
     if not weight or not words:
         return []

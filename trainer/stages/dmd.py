@@ -113,10 +113,10 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
             x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8), t)
             with torch.no_grad():
                 tt = t.unsqueeze(1).expand(B, F) if real_causal else t
-                negatives = contrast_negatives(text, prompts, sc.contrast, sc.contrast_words)
+                negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
                 x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
                                     chunk_frames=chunk if real_causal else None, negatives=negatives,
-                                    contrast=sc.contrast)
+                                    contrast=sc.active_contrast)
                 x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
             loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
             loss_g.backward()
@@ -145,4 +145,4 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         save_dit(ema, output(root, "dmd"))
     r.finish(model=str(output(root, "dmd")), steps=sc.steps, generator_input=sc.generator_input,
              real_score=sc.real_score, init=sc.init,
-             contrast=sc.contrast if sc.contrast_words else 0.0)
+             contrast=sc.active_contrast)

@@ -55,14 +55,14 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         prompts = prompt_batch(cfg.data.seed + 1, idx)
         cond, uncond = encode(text, prompts), encode(text, [""] * len(idx))
         noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
-        negatives = contrast_negatives(text, prompts, sc.contrast, sc.contrast_words)
+        negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
         _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
-                                       guidance=sc.guidance, keep=keep, negatives=negatives, contrast=sc.contrast)
+                                       guidance=sc.guidance, keep=keep, negatives=negatives, contrast=sc.active_contrast)
         states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
         save_ode_shard(path, states, prompts, list(steps) + [0.0])
     r.acc.wait_for_everyone()
     r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0],
-             contrast=sc.contrast if sc.contrast_words else 0.0)
+             contrast=sc.active_contrast)
 
 
 def _latent_hw(root: Path) -> tuple[int, int]:
