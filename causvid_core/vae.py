@@ -45,7 +45,7 @@ class WanVAE(nn.Module):
                                  cfg.temperal_downsample, cfg.dropout)
         self.conv1 = CausalConv3d(2 * Z, 2 * Z, 1)  # -> (mu, log_var)
         self.conv2 = CausalConv3d(Z, Z, 1)
-        self.decoder = Decoder3d(cfg.dim, Z, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales,
+        self.decoder = Decoder3d(cfg.dim, Z, cfg.dim_mult, cfg.decoder_blocks, cfg.attn_scales,
                                  cfg.temperal_downsample[::-1], cfg.dropout)
 
     # -- caches and checks -----------------------------------------------------------------------
@@ -285,10 +285,25 @@ def infer_vae_config(sd: dict[str, Tensor], **overrides: Any) -> VAEConfig:
     fields: dict[str, Any] = dict(
         dim=dim, z_dim=z_dim, dim_mult=[lv["out"] // dim for lv in levels], num_res_blocks=levels[0]["blocks"],
         attn_scales=[1.0 / 2 ** i for i, lv in enumerate(levels) if lv["attn"]], temperal_downsample=temporal)
+    decoder_blocks = _decoder_level_blocks(sd) - 1  # Wan's decoder levels have num_res_blocks + 1
+    if decoder_blocks >= 0 and decoder_blocks != fields["num_res_blocks"]:
+        fields["decoder_res_blocks"] = decoder_blocks
     if z_dim == len(WAN_LATENT_MEAN):
         fields.update(latent_mean=WAN_LATENT_MEAN, latent_std=WAN_LATENT_STD)
     fields.update(overrides)
     return VAEConfig.from_dict(fields)
+
+
+def _decoder_level_blocks(sd: dict[str, Tensor]) -> int:
+    """Residual blocks in the decoder's first level (before its first Resample); -1 without decoder keys."""
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.upsamples\.(\d+)\.", k))})
+    count = 0
+    for i in blocks:
+        p = f"decoder.upsamples.{i}."
+        if p + "resample.1.weight" in sd:
+            break
+        count += p + "residual.2.weight" in sd
+    return count if blocks else -1
 
 
 def load_vae(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, device: torch.device | str = "cpu",

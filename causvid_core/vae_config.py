@@ -24,6 +24,9 @@ class VAEConfig:
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
+    # residual blocks per decoder level, less one (Wan: num_res_blocks + 1 blocks); None -> num_res_blocks.
+    # Ours only: a decoder deeper than the encoder, trained later against the same frozen latents.
+    decoder_res_blocks: Optional[int] = None
     attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)  # [sic], per level; decoder reversed
     dropout: float = 0.0
@@ -54,6 +57,13 @@ class VAEConfig:
             raise ValueError(f"latent_std must be positive, got {self.latent_std}")
         if self.dim < 1 or self.num_res_blocks < 0:
             raise ValueError(f"bad dim {self.dim} or num_res_blocks {self.num_res_blocks}")
+        if self.decoder_res_blocks is not None and self.decoder_res_blocks < 0:
+            raise ValueError(f"decoder_res_blocks must be >= 0 (or None: num_res_blocks), got {self.decoder_res_blocks}")
+
+    @property
+    def decoder_blocks(self) -> int:
+        """num_res_blocks of the decoder (each level has one more residual block than this)."""
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def time_factor(self) -> int:

@@ -22,7 +22,7 @@ from trainer.stages.common import output
 
 SECTIONS = ("# Results", "## What is weak", "## Teacher vs student", "## Speed: one clip end to end",
             "## Ablation (the paper's Table 4 at this scale)", "## Held-out colour-shape pairs",
-            "## Long streams: drift", "## Prompt switches", "## Image-to-video", "## Video-to-video")
+            "## Shapes: what is drawn for each prompted shape", "## Long streams: drift", "## Prompt switches", "## Image-to-video", "## Video-to-video")
 STREAM = {"steps": [1000.0, 750.0, 500.0, 250.0], "shift": 5.0, "chunk_frames": 3}
 
 
@@ -67,6 +67,24 @@ def test_results_md_has_every_section_and_ablation_row(report):
         assert f"| {mode} | colour |" in text
     weak = text.split("## What is weak")[1].split("\n## ")[0]
     assert "- Missed: the student's all-four accuracy" in weak  # random weights miss every target
+
+
+def test_shape_confusion_counts_every_clip_of_the_teacher_student_and_vae(report):
+    from trainer.results_doc import shape_confusion
+    root, doc = report
+    res = json.loads((doc.parent / "results" / "results.json").read_text())
+    clips = [{"prompt": "a red square moving up on a black background", "detected": {"shape": "circle"}},
+             {"prompt": "a red square staying still on a gray background", "detected": {"shape": None}},
+             {"prompt": "a blue triangle moving up on a black background", "detected": {"shape": "triangle"}}]
+    assert shape_confusion(clips)["square"] == {"circle": 1, "square": 0, "triangle": 0, "none": 1}
+    assert sum(shape_confusion(clips)["triangle"].values()) == 1
+    section = doc.read_text().split("## Shapes")[1].split("\n## ")[0]
+    for label, clips in (("VAE round trip of the renders", res["ceilings"]["vae"]["clips"]),
+                         (res["rows"]["student"]["label"], res["rows"]["student"]["clips"]),
+                         (res["rows"]["teacher"]["label"], res["rows"]["teacher"]["clips"])):
+        rows = [line for line in section.splitlines() if line.startswith(f"| {label} |")]
+        assert len(rows) == 3, label  # one per prompted shape
+        assert sum(int(n) for line in rows for n in line.strip("| ").split(" | ")[2:]) == len(clips), label
 
 
 def test_results_json_and_plots(report):

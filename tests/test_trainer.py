@@ -61,12 +61,40 @@ def _assert_decoder_fine_tune_kept_the_encoder(root: Path) -> None:
     base, tuned = load_vae(root / "vae" / "vae.safetensors"), load_vae(root / "vae-decoder" / "vae.safetensors")
     exported = load_vae(root / "vae.safetensors")
     for name, p in base.state_dict().items():
-        same = torch.equal(p, tuned.state_dict()[name])
         if name.startswith(("encoder.", "conv1.")):
-            assert same, name
-    assert not all(torch.equal(p, tuned.state_dict()[f"decoder.{n}"]) for n, p in base.decoder.state_dict().items())
+            assert torch.equal(p, tuned.state_dict()[name]), name
+    assert not torch.equal(base.decoder.head[2].weight, tuned.decoder.head[2].weight)
     assert all(torch.equal(p, exported.state_dict()[n]) for n, p in tuned.state_dict().items())
     assert base.config.latent_mean == tuned.config.latent_mean
+    assert (base.config.decoder_blocks, tuned.config.decoder_blocks) == (1, 2)  # micro grows the decoder
+
+
+def test_grown_decoder_starts_as_the_old_one_and_can_learn():
+    """grow_decoder: the new residual blocks start as the identity, so the grown VAE decodes bit for bit
+    as the old one (whole clip and chunked, the cache included); their weights then take gradients."""
+    from causvid_core.vae import WanVAE, random_vae
+    from causvid_core.vae_config import VAEConfig
+    from causvid_core.vae_layers import ResidualBlock
+    from trainer.stages.vae_decoder import _levels, grow_decoder
+    old = random_vae(VAEConfig(dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(0.5,),
+                               temperal_downsample=(True, False), latent_mean=(0.1,) * 16, latent_std=(2.0,) * 16),
+                     seed=3, std=0.3)
+    grown = grow_decoder(old, 3)
+    assert grown.config.decoder_blocks == 3 and isinstance(grown, WanVAE)
+    assert sum(p.numel() for p in grown.decoder.parameters()) > sum(p.numel() for p in old.decoder.parameters())
+    z = torch.randn(1, 16, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(grown.decode(z, clamp=False), old.decode(z, clamp=False))
+        assert torch.equal(grown.decode(z, clamp=False, latents_per_pass=3), old.decode(z, clamp=False, latents_per_pass=3))
+        x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+        assert torch.equal(grown.encode(x), old.encode(x))
+    grown.decode(z, clamp=False).square().mean().backward()
+    level0 = [u for u in _levels(grown.decoder.upsamples)[0] if isinstance(u[0], ResidualBlock)]
+    assert len(level0) == 4  # 2 old blocks (each with its attention), then 2 new
+    for unit in level0[2:]:
+        assert unit[0].residual[6].weight.grad.abs().sum() > 0 and len(unit) == 2
+    with pytest.raises(ValueError, match="shrink"):
+        grow_decoder(grown, 1)
 
 
 def test_decoder_lr_warms_up_then_decays_to_zero():

@@ -82,6 +82,15 @@ def test_config_round_trip_presets_and_validation(shared_dir):
     inferred = infer_vae_config(sd)
     assert inferred.replace(latent_mean=None, latent_std=None) == VAE_PRESETS["shapes"].replace(
         latent_mean=None, latent_std=None)
+    deeper = VAE_PRESETS["shapes"].replace(decoder_res_blocks=3)  # a decoder deeper than its encoder
+    with torch.device("meta"):
+        sd = WanVAE(deeper).state_dict()
+    assert infer_vae_config(sd).replace(latent_mean=None, latent_std=None) == deeper.replace(
+        latent_mean=None, latent_std=None)
+    assert VAEConfig.from_dict(json.loads(deeper.to_json())) == deeper and deeper.decoder_blocks == 3
+    assert VAE_PRESETS["wan2.1"].decoder_blocks == 2  # None: Wan's decoder mirrors its encoder
+    with pytest.raises(ValueError, match="decoder_res_blocks"):
+        VAEConfig(decoder_res_blocks=-1)
     with pytest.raises(ValueError, match="latent_mean"):
         VAEConfig(z_dim=16, latent_mean=(0.0,) * 4)
     with pytest.raises(ValueError, match="temperal_downsample"):

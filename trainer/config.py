@@ -50,11 +50,11 @@ class VAEStage(LoopConfig):
 @dataclass
 class VAEDecoderStage(LoopConfig):
     steps: int = 0  # 0: no fine-tune (the VAE stage's decoder is the final one)
-    clip_frames: int = 9
+    batch: int = 4  # whole clips of the data set (data.clip_frames each)
     fg_weight: float = 10.0
     edge_weight: float = 1.0  # weight of the spatial-gradient L1 (prices blurred edges)
     warmup: int = 20  # then cosine decay to zero
-    burn_in_frames: int = 32
+    decoder_res_blocks: Optional[int] = None  # grow the decoder to this many (+1) blocks a level (None: keep)
 
 
 @dataclass
@@ -176,8 +176,7 @@ def micro() -> TrainConfig:
         vae=VAEStage(preset="wan-tiny", steps=30, batch=4, lr=2e-3, clip_frames=5, burn_in_frames=4, log_every=5,
                      ckpt_every=10,
                      stats_clips=8),
-        vae_decoder=VAEDecoderStage(steps=6, batch=2, lr=1e-3, clip_frames=5, burn_in_frames=4, log_every=2,
-                                    ckpt_every=3),
+        vae_decoder=VAEDecoderStage(steps=6, batch=2, lr=1e-3, decoder_res_blocks=2, log_every=2, ckpt_every=3),
         text=TextStage(steps=30, batch=16, lr=3e-3, text_dim=16, text_len=12, num_layers=1, num_heads=2, ffn_dim=32,
                        log_every=5, ckpt_every=10),
         dit=DiTArch(preset="shapes", overrides=dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16,
@@ -201,7 +200,8 @@ def shapes() -> TrainConfig:
                      log_every=20, ckpt_every=200,
                      stats_clips=128),
         # the VAE stage's decoder draws triangles soft enough to pass for circles: sharpen it (encoder frozen)
-        vae_decoder=VAEDecoderStage(steps=400, batch=8, lr=5e-4, log_every=20, ckpt_every=100),
+        vae_decoder=VAEDecoderStage(steps=2000, batch=2, lr=2e-4, warmup=100, decoder_res_blocks=2, log_every=20,
+                                    ckpt_every=100),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four

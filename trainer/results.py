@@ -353,7 +353,7 @@ def evaluate_ceilings(components, counts: Counts) -> dict:
         gt.append(_compact(E.evaluate_clip(clip, spec.prompt, value_range="uint8"), split=split, index=i))
         vae.append(_compact(E.evaluate_clip(rt, spec.prompt, value_range="uint8"), split=split, index=i))
     return {"renderer": dict(summary=E.aggregate(gt), shared=E.aggregate(shared_prefix(gt, counts))),
-            "vae": dict(summary=E.aggregate(vae), shared=E.aggregate(shared_prefix(vae, counts)))}
+            "vae": dict(summary=E.aggregate(vae), shared=E.aggregate(shared_prefix(vae, counts)), clips=vae)}
 
 
 def _edge_mean(values: Sequence, count: int, last: bool) -> Optional[float]:

@@ -264,6 +264,26 @@ def section_held_out(res: dict) -> str:
             + md_table(["row", "in-dist", "held-out", "difference (points)"], lines))
 
 
+def shape_confusion(clips: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """Prompted shape -> {detected shape, or "none" when no object was found: clips}."""
+    out = {shape: {d: 0 for d in (*world.SHAPES, "none")} for shape in world.SHAPES}
+    for c in clips:
+        out[world.parse_prompt(c["prompt"])["shape"]][c["detected"]["shape"] or "none"] += 1
+    return out
+
+
+def section_shapes(res: dict) -> str:
+    sources = [("VAE round trip of the renders", res["ceilings"]["vae"].get("clips"))]
+    sources += [(r["label"], r["clips"]) for key, r in res["rows"].items()
+                if key in ("teacher", "student") and r["status"] == "ok"]
+    lines = [[label, want, *(str(n) for n in got.values())]
+             for label, clips in sources if clips for want, got in shape_confusion(clips).items()]
+    return ("## Shapes: what is drawn for each prompted shape\n\n"
+            "Every prompt of each row (in-distribution and held-out; the teacher on its shared prefix), "
+            "counted by the shape the evaluator detects.\n\n"
+            + md_table(["row", "prompted", *world.SHAPES, "no object found"], lines))
+
+
 def section_drift(res: dict) -> str:
     e = res["counts"]["drift_edge"]
     lines = [[label, d["window"] or "-", d["sinks"], _p(d["first_all_four"]), _p(d["last_all_four"]),
@@ -333,7 +353,7 @@ def section_weak(res: dict) -> str:
 
 def render_markdown(res: dict, doc: Path, root: Path) -> str:
     parts = [section_header(res, doc, root), section_weak(res), section_teacher_student(res), section_speed(res),
-             section_ablation(res), section_held_out(res), section_drift(res), section_switches(res),
+             section_ablation(res), section_held_out(res), section_shapes(res), section_drift(res), section_switches(res),
              section_i2v(res), section_v2v(res)]
     return "\n".join(parts)
 
