@@ -4,6 +4,8 @@ structure is what is tested)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,6 +106,35 @@ def test_results_json_and_plots(report):
 def test_a_run_without_its_export_is_refused(tmp_path, capsys):
     assert main(["results", "--preset", "micro", "--out", str(tmp_path), "--doc", str(tmp_path / "R.md")]) == 2
     assert "causvid-train export" in capsys.readouterr().err
+
+
+def test_other_work_is_measured_without_the_runs_own_threads():
+    """A run that keeps both cores busy itself is not "beside other work"; another process doing so is."""
+    import time as _time
+
+    from trainer.results import other_cores, own_cpu_s, system_cpu_s
+    from trainer.results_doc import other_work
+
+    start = (system_cpu_s(), own_cpu_s(), _time.perf_counter())
+    t0 = _time.process_time()
+    while _time.process_time() - t0 < 0.3:  # this process busy: not "other" work
+        pass
+    idle = other_cores(start)
+    if idle is None:
+        pytest.skip("no /proc/stat on this platform")
+    start = (system_cpu_s(), own_cpu_s(), _time.perf_counter())
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
+                               "while time.process_time()-t<0.6: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert burner.stdout.readline().strip() == "done"  # 0.6 s of CPU spent by a child not reaped yet: "other"
+    busy = other_cores(start)
+    burner.kill()
+    burner.wait()
+    assert busy > idle and busy > 0.2, (idle, busy)
+    machine = dict(cores=2, load_start=1.9, load_end=2.0)
+    assert other_work({**machine, "other_cores": 0.1}) is None  # the load average alone is the run's own threads
+    assert "1.4 of 2 cores" in other_work({**machine, "other_cores": 1.4})
+    assert "load average up to 2.0" in other_work(machine)  # older results without the measurement
 
 
 def test_many_step_rows_start_from_the_students_noise():

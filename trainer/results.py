@@ -559,6 +559,33 @@ def machine() -> dict:
                 python=platform.python_version(), platform=platform.platform(), load_start=load_average())
 
 
+def system_cpu_s() -> Optional[float]:
+    """CPU seconds every process on the machine has used since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process (and its children) used."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def other_cores(start: tuple[Optional[float], float, float]) -> Optional[float]:
+    """Cores other processes kept busy on average since `start` = (system_cpu_s(), own_cpu_s(), perf_counter()):
+    the run's own threads excluded, unlike the load average (which a 2-thread run on 2 cores pushes to 2)."""
+    system, own, t0 = start
+    now = system_cpu_s()
+    if system is None or now is None:
+        return None
+    wall = max(time.perf_counter() - t0, 1e-9)
+    return round(max(0.0, (now - system) - (own_cpu_s() - own)) / wall, 2)
+
+
 def load_average() -> Optional[float]:
     """1-minute load average: times taken beside other jobs (training) understate this machine."""
     try:
@@ -585,6 +612,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
     from causvid_core.pipeline import load_components
 
     t_start = time.perf_counter()
+    cpu_start = (system_cpu_s(), own_cpu_s(), t_start)
     root = Path(root)
     doc = Path(doc) if doc else DEFAULT_DOC
     counts = QUICK if quick else FULL
@@ -628,6 +656,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
     res["v2v"] = timed("v2v", run_v2v, main, counts)
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     res["machine"]["load_end"] = load_average()
+    res["machine"]["other_cores"] = other_cores(cpu_start)
     res["chunk_pixel_frames"] = main.vae.config.time_factor * defaults["chunk_frames"]
     res["weak"] = weak_points(res)
     write_outputs(res, doc, root)

@@ -91,6 +91,23 @@ def weak_points(res: dict) -> list[str]:
     return out
 
 
+def other_work(m: dict) -> Optional[str]:
+    """What else ran beside the measurement, when it was enough to slow it; None on an idle machine.
+
+    Other processes' CPU during the run when it was measured (the run's own threads excluded);
+    else (older results, other platforms) the load average at the start and end, which counts the
+    run itself at the end."""
+    limit = m["cores"] * BUSY_LOAD
+    if m.get("other_cores") is not None:
+        if m["other_cores"] > limit:
+            return f"other processes kept {m['other_cores']:.1f} of {m['cores']} cores busy on average during the run"
+        return None
+    loads = [v for v in (m["load_start"], m.get("load_end")) if v is not None]
+    if loads and max(loads) > limit:
+        return f"load average up to {max(loads):.1f} on {m['cores']} cores"
+    return None
+
+
 def _weak_streams(res: dict, t: dict) -> list[str]:
     out = []
     for label, d in res["drift"].items():
@@ -121,11 +138,10 @@ def _weak_streams(res: dict, t: dict) -> list[str]:
         if s["restyled"] is not None and s["restyled"] < t['v2v_rate']:
             out.append(f"Video-to-video at strength {s['strength']}: only {_p(s['restyled'])} of clips take the new "
                        f"colour while keeping shape and motion (old colour kept in {_p(s['kept_old_colour'])}).")
-    m = res["machine"]
-    loads = [v for v in (m["load_start"], m.get("load_end")) if v is not None]
-    if loads and max(loads) > m["cores"] * BUSY_LOAD:
-        out.append(f"Timings were taken beside other work (load average up to {max(loads):.1f} on {m['cores']} "
-                   "cores): every second and frame rate here understates this machine; rerun on an idle one.")
+    busy = other_work(res["machine"])
+    if busy:
+        out.append(f"Timings were taken beside other work ({busy}): every second and frame rate here "
+                   "understates this machine; rerun on an idle one.")
     sp = res["speed"]
     if sp["fps"] < world.FPS:
         out.append(f"Speed: {sp['fps']:.1f} frames/s end to end is slower than the world's {world.FPS} fps "
@@ -162,7 +178,8 @@ def section_header(res: dict, doc: Path, root: Path) -> str:
             f"- Commit: `{res['commit']}`; run folder `{res['run']}`\n"
             f"- Machine: {m['cores']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
             f"Python {m['python']}, {m['platform']}; load average {m['load_start']} at the start, "
-            f"{m.get('load_end')} at the end\n"
+            f"{m.get('load_end')} at the end (this run's own threads included); other processes' CPU during "
+            f"the run: {m.get('other_cores', 'not measured')} cores\n"
             f"- Date: {res['date']}; wall time of this run: {res['wall_s']:.0f} s "
             f"({', '.join(f'{k} {v:.1f} s' for k, v in res['timings'].items())})\n"
             f"- Prompts: `causvid eval`'s fixed prompts (PROMPT_SEED {seeds['prompt_seed']}; held-out pairs "
