@@ -2,10 +2,10 @@
 ComfyUI server with the built-in model: it must succeed, save a decodable MP4 of the expected length,
 and show what its prompts ask for, judged from the pixels by the Shapes World evaluator.
 
-Asserted: all four attributes (colour, shape, motion, background) of every workflow's prompt(s). The
-workflows' prompts are mostly circles, the shape the committed model draws best: its all-four rate over
-docs/RESULTS.md's prompts is ~46% (squares and triangles come out as rounded blobs; issue 6), so a passing
-workflow here says the shipped graphs work and show their prompts, not that any prompt will."""
+Asserted: all four attributes (colour, shape, motion, background) of every workflow's prompt(s), the shape
+by a clear margin over the next-best shape. The committed model gets colour, motion and background right
+nearly always but draws lumpy blobs (all-four 62.5% over docs/RESULTS.md's prompts; issue 6): the shape
+checks it misses are listed in KNOWN_GAPS."""
 from __future__ import annotations
 
 import io
@@ -26,16 +26,19 @@ API = ROOT / "workflows" / "api"
 ASSETS = ROOT / "workflows" / "assets"
 NAMES = sorted(p.stem for p in API.glob("*.json"))
 ASSERTED = ("colour", "shape", "motion", "background")
-# Content failures of the committed model measured in docs/RESULTS.md (issue 6 is open): the workflow must
-# still run to success with the right frames; its content check is expected to fail (xfail) and the test
-# fails when it starts to pass, so this list cannot go stale.
+SHAPE_MARGIN = 0.02  # mean-IoU lead of the detected shape over the runner-up that counts as drawn
+# Shapes the committed model does not draw clearly in a workflow (issue 6 is open; docs/RESULTS.md "Shapes"):
+# the workflow must still run to success with the right frames, colour, motion and background; its shape
+# check is expected to fail (xfail) and the test fails when it starts to pass, so this list cannot go stale.
+RED_CIRCLE = ("the red circle (seed 0) is a lumpy blob that fits a square about as well as a circle "
+              "(mean IoU 0.80 / 0.80 in the CLI; ComfyUI's chunked decode tips it to square)")
 KNOWN_GAPS = {
-    "endless_stream": "long streams glitch: over ten 30-chunk streams colour, background or motion go wrong in "
-                      "5% of chunks (window 9, no sinks) and the shape in 12%; here the last of 20 chunks loses "
-                      "its motion and its circle",
-    "prompt_schedule": "shape past the trained 9 latent frames: the first segment (45 frames, seed 0) of the red "
-                       "circle comes out square enough to read as one (seeds 1-3: circle, none, circle); long "
-                       "streams misread the shape in 12% of chunks",
+    "builtin_demo": RED_CIRCLE,
+    "chunk_chain": RED_CIRCLE,
+    "text_to_video_stream": RED_CIRCLE,
+    "endless_stream": RED_CIRCLE + "; long streams misread the shape in 12% of 30-chunk stream chunks",
+    "prompt_schedule": RED_CIRCLE + " in the first segment (45 frames)",
+    "image_to_video": "the square started from the image fits a square only 0.008 IoU better than a circle",
 }
 
 
@@ -68,9 +71,33 @@ def nodes_of(api: dict, cls: str) -> list[dict]:
     return [n["inputs"] for n in api.values() if n["class_type"] == cls]
 
 
-def assert_follows(result: dict, what: str) -> None:
-    wrong = {a: (result["expected"][a], result["detected"][a]) for a in ASSERTED if not result["correct"][a]}
+def shape_margin(frames: np.ndarray) -> float:
+    """How much better the detected shape fits than the runner-up (mean IoU over the frames with an object)."""
+    stats = E.measure(frames, "uint8")
+    if not stats.found.any():
+        return 0.0
+    best, second = np.sort(stats.iou[stats.found].mean(axis=0))[::-1][:2]
+    return float(best - second)
+
+
+class ShapeNotShown(AssertionError):
+    """The prompted shape is not drawn clearly; everything else the check asserts held."""
+
+
+def assert_follows(result: dict, what: str, video: np.ndarray, shape_gaps: list[str]) -> None:
+    """Colour, motion and background right (asserted at once); the shape right and by a clear margin, else a
+    note in shape_gaps: the committed model draws lumpy blobs that fit a circle and a square within
+    0.001-0.01 IoU, a verdict float rounding decides (one CPU's circle is another's square), so such a tie
+    counts as not showing the shape."""
+    wrong = {a: (result["expected"][a], result["detected"][a]) for a in ASSERTED
+             if a != "shape" and not result["correct"][a]}
     assert not wrong, f"{what}: asked for {result['prompt']!r}; wrong (asked, seen): {wrong}"
+    margin = shape_margin(video[result.get("start", 0):result.get("stop", len(video))])
+    if not result["correct"]["shape"]:
+        shape_gaps.append(f"{what}: asked for a {result['expected']['shape']}, saw a {result['detected']['shape']}")
+    elif margin < SHAPE_MARGIN:
+        shape_gaps.append(f"{what}: the {result['expected']['shape']} fits only {margin:.3f} IoU better than the "
+                          f"next shape (a tie below {SHAPE_MARGIN})")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,14 +105,23 @@ def test_shipped_workflow_runs_and_shows_its_prompt(host, name):
     api, (video,) = run(host, name)
     try:
         check_content(api, name, video)
-    except AssertionError as exc:
+    except ShapeNotShown as exc:
         if name in KNOWN_GAPS:
             pytest.xfail(f"known gap: {KNOWN_GAPS[name]} ({exc})")
         raise
-    assert name not in KNOWN_GAPS, f"{name} now follows its prompt: remove it from KNOWN_GAPS"
+    assert name not in KNOWN_GAPS, f"{name} now shows its shapes: remove it from KNOWN_GAPS"
 
 
 def check_content(api: dict, name: str, video: np.ndarray) -> None:
+    """Frames, colour, motion, background (and the schedule's switches) asserted; then ShapeNotShown when a
+    prompted shape is not drawn clearly."""
+    gaps: list[str] = []
+    _check_content(api, name, video, gaps)
+    if gaps:
+        raise ShapeNotShown("; ".join(gaps))
+
+
+def _check_content(api: dict, name: str, video: np.ndarray, gaps: list[str]) -> None:
     assert video.shape[1:] == (64, 64, 3)
     texts = [n["text"] for n in nodes_of(api, "CausalTextEncode")]
     if name == "prompt_schedule":
@@ -95,23 +131,23 @@ def check_content(api: dict, name: str, video: np.ndarray) -> None:
         events = parse_schedule(sched["schedule"])
         result = E.evaluate_schedule(video, [(e.frame, e.prompt) for e in events], value_range="uint8")
         for seg in result["segments"]:
-            assert_follows(seg, f"segment from frame {seg['start']}")
+            assert_follows(seg, f"segment from frame {seg['start']}", video, gaps)
         assert all(s["switched"] for s in result["switches"]), result["switches"]
     elif name == "video_to_video":
         source, target = texts  # CausalGenerate makes the source from the first, the restyle follows the second
         assert len(video) == nodes_of(api, "CausalGenerate")[0]["length"]
-        assert_follows(E.evaluate_clip(video, target, value_range="uint8"), "restyled video")
+        assert_follows(E.evaluate_clip(video, target, value_range="uint8"), "restyled video", video, gaps)
     elif name == "endless_stream":
         (state,) = nodes_of(api, "CausalKVState")
         (sampler,) = nodes_of(api, "StreamChunkSampler")
         assert state["length"] == 0 and len(video) == 9 + 12 * (sampler["chunks"] - 1)
         stream = E.evaluate_stream(video, texts[0], first_chunk_frames=9, value_range="uint8")
-        assert_follows(stream["chunks"][-1], "last chunk of the endless stream")
-        assert_follows(E.evaluate_clip(video, texts[0], value_range="uint8"), "whole stream")
+        assert_follows(stream["chunks"][-1], "last chunk of the endless stream", video, gaps)
+        assert_follows(E.evaluate_clip(video, texts[0], value_range="uint8"), "whole stream", video, gaps)
     else:
         lengths = [n["length"] for n in nodes_of(api, "CausalKVState") + nodes_of(api, "CausalGenerate")]
         assert len(video) == lengths[0]
-        assert_follows(E.evaluate_clip(video, texts[0], value_range="uint8"), name)
+        assert_follows(E.evaluate_clip(video, texts[0], value_range="uint8"), name, video, gaps)
         if name == "image_to_video":
             (img,) = nodes_of(api, "LoadImage")
             from PIL import Image
