@@ -49,6 +49,14 @@ def _levels(upsamples: nn.Sequential) -> list[list[list[nn.Module]]]:
     return levels
 
 
+def _residual(level: list[list[nn.Module]]) -> list[list[nn.Module]]:
+    return [u for u in level if isinstance(u[0], ResidualBlock)]
+
+
+def _other(level: list[list[nn.Module]]) -> list[list[nn.Module]]:
+    return [u for u in level if not isinstance(u[0], ResidualBlock)]
+
+
 @torch.no_grad()
 def grow_decoder(vae: WanVAE, decoder_res_blocks: int) -> WanVAE:
     """A copy of vae whose decoder has `decoder_res_blocks` (+ 1) residual blocks per level: the old blocks
@@ -60,15 +68,14 @@ def grow_decoder(vae: WanVAE, decoder_res_blocks: int) -> WanVAE:
                          f"({old_blocks}); it can only grow")
     grown = WanVAE(vae.config.replace(decoder_res_blocks=decoder_res_blocks)).to(vae.conv2.weight.dtype)
     own = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.upsamples.")}
-    grown.load_state_dict(own, strict=False)
+    missing, unexpected = grown.load_state_dict(own, strict=False)  # everything outside the levels, as is
+    assert not unexpected and all(k.startswith("decoder.upsamples.") for k in missing), (missing, unexpected)
     for old_level, new_level in zip(_levels(vae.decoder.upsamples), _levels(grown.decoder.upsamples)):
-        res = lambda level: [u for u in level if isinstance(u[0], ResidualBlock)]  # noqa: E731
-        rest = lambda level: [u for u in level if not isinstance(u[0], ResidualBlock)]  # noqa: E731
-        pairs = [*zip(res(old_level), res(new_level)), *zip(rest(old_level), rest(new_level))]
+        pairs = [*zip(_residual(old_level), _residual(new_level)), *zip(_other(old_level), _other(new_level))]
         for old_unit, new_unit in pairs:
             for o, n in zip(old_unit, new_unit):
                 n.load_state_dict(o.state_dict())
-        for unit in res(new_level)[len(res(old_level)):]:  # the new blocks: identity at the start
+        for unit in _residual(new_level)[len(_residual(old_level)):]:  # the new blocks: identity at the start
             unit[0].residual[6].weight.zero_()
             unit[0].residual[6].bias.zero_()
             for attn in unit[1:]:
