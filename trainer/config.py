@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-SHAPE_WORDS = ("circle", "square", "triangle")  # Shapes World's rival shape words (causvid_core.world.SHAPES)
+from causvid_core.world import SHAPES as SHAPE_WORDS  # Shapes World's rival shape words
 
 
 @dataclass

@@ -69,7 +69,8 @@ def encode(text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def contrast_negatives(text_encoder, prompts: list[str], weight: float, words) -> list[torch.Tensor]:
-    """The encoded rivals of attribute-contrastive guidance ([] when it is off): K x [B, L, D]."""
-    if not weight or not words:
+    """The encoded rivals of attribute-contrastive guidance ([] when it is off: no weight, or no word groups,
+    see ContrastGuidance.active_contrast): K x [B, L, D]."""
+    if not weight:
         return []
     return [encode(text_encoder, rivals) for rivals in contrast_prompts(prompts, words)]
