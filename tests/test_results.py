@@ -30,7 +30,7 @@ STREAM = {"steps": [1000.0, 750.0, 500.0, 250.0], "shift": 5.0, "chunk_frames": 
 
 def fake_run(root):
     """Every model of a finished run with ablation except causal-teacher-dmd (it must read "not trained")."""
-    for seed, stage in enumerate(("teacher", "causal-teacher", "ode-init", "dmd")):
+    for seed, stage in enumerate(("teacher-refine", "causal-teacher", "ode-init", "dmd")):  # micro refines its teacher
         output(root, stage).parent.mkdir(parents=True, exist_ok=True)
         save_dit(tiny_model(seed=seed), output(root, stage))
     path = output(variant_root(root, "no-ode-init"), "dmd")
@@ -59,6 +59,8 @@ def test_results_md_has_every_section_and_ablation_row(report):
     ablation = text.split("## Ablation")[1].split("\n## ")[0]
     for row in model_rows(root):
         assert f"| {row.label} |" in ablation, row.label
+    res = json.loads((doc.parent / "results" / "results.json").read_text())
+    assert res["rows"]["teacher"]["status"] == "ok"  # the refined teacher (micro has no plain teacher here)
     missing = next(line for line in ablation.splitlines() if line.startswith("| few-step causal: ODE init + causal"))
     assert "| not trained |" in missing
     assert "Regenerate: `causvid-train results --preset micro" in text and "Commit: `" in text

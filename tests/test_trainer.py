@@ -32,7 +32,8 @@ def micro_run(tmp_path_factory):
 
 def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     root, times, total = micro_run
-    assert list(times) == ["vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export"]
+    assert list(times) == ["vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs",
+                           "ode-init", "dmd", "export"]
     print(f"micro pipeline: {total:.0f} s")  # the 3-minute target is reported, not asserted (no timed tests)
     for stage in times:
         assert (root / stage / "DONE.json").exists(), stage
@@ -41,6 +42,7 @@ def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     text = [json.loads(l) for l in (root / "text" / "metrics.jsonl").read_text().splitlines()]
     assert text[-1]["loss"] < text[0]["loss"]
     _assert_decoder_fine_tune_kept_the_encoder(root)
+    _assert_refined_teacher_is_the_teacher(root)
     pairs = json.loads((root / "ode-pairs" / "DONE.json").read_text())
     assert pairs["timesteps"] == [1000.0, 937.5, 833.3333129882812, 625.0, 0.0]
     student = load_dit(root / "student.safetensors")
@@ -52,6 +54,33 @@ def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     assert r.returncode == 0, r.stderr
     from causvid_core.video_io import read_video
     assert read_video(out).shape == (33, 64, 64, 3)
+
+
+def _assert_refined_teacher_is_the_teacher(root: Path) -> None:
+    """teacher-refine: a superset of the teacher's clips, and weights moved from the teacher's."""
+    from safetensors.torch import load_file
+    cfg = micro()
+    small = load_file(root / "latents.safetensors")["latents"]
+    big = load_file(root / "latents-refine.safetensors")["latents"]
+    assert big.shape[0] == cfg.teacher_refine.num_clips > small.shape[0] == cfg.data.num_clips
+    assert torch.equal(big[:small.shape[0]], small)
+    refined = load_dit(root / "teacher-refine" / "teacher.safetensors").state_dict()
+    base = load_dit(root / "teacher" / "teacher.safetensors").state_dict()
+    assert any(not torch.equal(refined[k], base[k]) for k in base)
+    assert json.loads((root / "teacher-refine" / "DONE.json").read_text())["num_clips"] == cfg.teacher_refine.num_clips
+
+
+def test_later_stages_start_from_the_refined_teacher(micro_run, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(micro_run[0], root, ignore=shutil.ignore_patterns("ablation", "ode-init"))
+    run_stage("ode-init", apply_overrides(micro(), ["ode_init.steps=0"]), root)  # the untrained init
+    start = load_dit(root / "ode-init" / "student.safetensors").state_dict()
+    refined = load_dit(root / "teacher-refine" / "teacher.safetensors").state_dict()
+    assert all(torch.equal(start[k], refined[k]) for k in refined)
+    shutil.rmtree(root / "teacher-refine")
+    cfg = apply_overrides(micro(), [f"teacher_refine.num_clips={micro().data.num_clips}"])
+    with pytest.raises(ValueError, match="must exceed data.num_clips"):
+        run_stage("teacher-refine", cfg, root)
 
 
 def _assert_decoder_fine_tune_kept_the_encoder(root: Path) -> None:
@@ -135,7 +164,7 @@ def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16
     assert prov["note"] == "teacher resumed with an EMA"
     from trainer.publish import restore
     again = tmp_path / "again"
-    assert restore(again, tmp_path / "builtin") == ["vae", "vae-decoder", "text", "teacher"]
+    assert restore(again, tmp_path / "builtin") == ["vae", "vae-decoder", "text", "teacher", "teacher-refine"]
     assert all((again / s / "DONE.json").exists() for s in ("vae", "vae-decoder", "text", "teacher"))
     t0, t1 = load_dit(root / "teacher" / "teacher.safetensors"), load_dit(again / "teacher" / "teacher.safetensors")
     assert next(t1.parameters()).dtype == torch.float32
@@ -274,7 +303,7 @@ def test_dmd_variants_train(micro_run, tmp_path, changes):
     src = micro_run[0]
     root = tmp_path / "r"
     _copy_prereqs(src, root)
-    for name in ("teacher", "causal-teacher", "ode-pairs", "ode-init"):
+    for name in ("teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init"):
         shutil.copytree(src / name, root / name)
     cfg = apply_overrides(micro(), ["dmd.steps=4", "dmd.gen_every=2"] + changes)
     run_stage("dmd", cfg, root)
@@ -312,7 +341,7 @@ def test_dmd_with_contrastive_real_score_trains(micro_run, tmp_path):
     src = micro_run[0]
     root = tmp_path / "r"
     _copy_prereqs(src, root)
-    for name in ("teacher", "ode-pairs", "ode-init"):
+    for name in ("teacher", "teacher-refine", "ode-pairs", "ode-init"):
         shutil.copytree(src / name, root / name)
     cfg = apply_overrides(micro(), ["dmd.steps=2", "dmd.gen_every=1", "dmd.contrast=3.0",
                                     'dmd.contrast_words=[["circle","square","triangle"]]'])

@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 
 from .config import TrainConfig
+from .stages.common import teacher_stage
 
-SHARED = ("vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "latents.safetensors")
+SHARED = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
+          "latents.safetensors")
 # variant -> DMD config fields changed from the main run's
 VARIANTS = {
     "no-ode-init": {"init": "teacher"},  # generator starts from the bidirectional teacher's weights
@@ -41,7 +43,7 @@ def run_ablation(cfg: TrainConfig, root: str | Path, variants=None, accelerator=
     from .pipeline import run_stage
 
     root = Path(root)
-    missing = [s for s in ("teacher", "ode-init") if not (root / s / "DONE.json").exists()]
+    missing = [s for s in (teacher_stage(cfg), "ode-init") if not (root / s / "DONE.json").exists()]
     if "causal-teacher-dmd" in (variants or VARIANTS) and not (root / "causal-teacher" / "DONE.json").exists():
         missing.append("causal-teacher")
     if missing:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from .config import PRESETS, apply_overrides, preset
 
-STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation", "publish",
+STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation", "publish",
                "results", "restore")
 
 
@@ -47,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from causvid_core.pipeline import BUILTIN_DIR
 
     from .pipeline import run_pipeline, run_stage
+    from .stages.common import teacher_stage
     if args.stage == "restore":
         from .publish import restore
         try:
@@ -57,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.stage == "publish":
         from .publish import publish
         try:
-            sizes = publish(args.out, args.dest or BUILTIN_DIR, note=args.note)
+            sizes = publish(args.out, args.dest or BUILTIN_DIR, teacher=teacher_stage(cfg), note=args.note)
         except (FileNotFoundError, ValueError) as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2

@@ -1,5 +1,5 @@
-"""All stages in order, each resumable and skipped once done: vae, vae-decoder (optional), text, teacher, causal-teacher,
-ode-pairs, ode-init, dmd, export."""
+"""All stages in order, each resumable and skipped once done: vae, vae-decoder (optional), text, teacher,
+teacher-refine (optional), causal-teacher, ode-pairs, ode-init, dmd, export."""
 from __future__ import annotations
 
 import time
@@ -13,6 +13,7 @@ STAGES = {
     "vae-decoder": vae_decoder.run,
     "text": text.run,
     "teacher": teacher.run,
+    "teacher-refine": teacher.refine,
     "causal-teacher": causal_teacher.run,
     "ode-pairs": ode_pairs.run,
     "ode-init": ode_init.run,
@@ -33,7 +34,8 @@ def run_pipeline(cfg: TrainConfig, root: str | Path, stages=None, accelerator=No
     (root / "config.json").write_text(cfg.to_json())
     times = {}
     for name in stages or STAGES:
-        if name == "causal-teacher" and cfg.causal_teacher.steps <= 0:
+        if (name == "causal-teacher" and cfg.causal_teacher.steps <= 0) or (
+                name == "teacher-refine" and cfg.teacher_refine.steps <= 0):
             continue
         times[name] = run_stage(name, cfg, root, accelerator)
         log(f"[pipeline] {name}: {times[name]:.1f} s")

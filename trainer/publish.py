@@ -48,10 +48,12 @@ def _stage_results(root: Path) -> dict:
     return out
 
 
-def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = True,
+def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: Optional[str] = "teacher",
             note: Optional[str] = None) -> dict[str, int]:
-    """Write the built-in files into dest; returns their sizes. Refuses a set over MAX_BYTES. `note` records
-    how the run departed from a straight run of its config (e.g. a stage resumed with new settings)."""
+    """Write the built-in files into dest; returns their sizes. Refuses a set over MAX_BYTES. `teacher` is the
+    stage whose weights are the run's final teacher (stages.common.teacher_stage; None: publish no teacher).
+    `note` records how the run departed from a straight run of its config (e.g. a stage resumed with new
+    settings)."""
     root, dest = Path(root), Path(dest)
     student_src = root / BUILTIN_FILES["model"]
     if not (root / "export" / "DONE.json").exists() or not student_src.exists():
@@ -65,7 +67,7 @@ def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = Tr
     save_text_encoder(load_text_encoder(root / BUILTIN_FILES["text_encoder"]), dest / BUILTIN_FILES["text_encoder"])
     files = list(BUILTIN_FILES.values())
     if teacher:
-        save_dit(load_dit(require(root, "teacher")).to(STORED_DTYPE), dest / TEACHER_FILE)
+        save_dit(load_dit(require(root, teacher)).to(STORED_DTYPE), dest / TEACHER_FILE)
         files.append(TEACHER_FILE)
     sizes = {f: (dest / f).stat().st_size for f in files}
     if sum(sizes.values()) > MAX_BYTES:
@@ -83,17 +85,19 @@ def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: bool = Tr
 
 def restore(root: str | Path, src: str | Path = BUILTIN_DIR) -> list[str]:
     """The reverse, to continue training on another machine: the published VAE, text encoder and teacher
-    become the finished vae, vae-decoder, text and teacher stages of run folder `root` (float32, each with a
-    DONE.json), so `causvid-train pipeline` goes on from the causal teacher / ODE pairs. The published VAE
-    carries the VAE stage's encoder unchanged, so it stands in for both VAE stages."""
+    become the finished vae, vae-decoder, text, teacher and teacher-refine stages of run folder `root` (float32,
+    each with a DONE.json), so `causvid-train pipeline` goes on from the causal teacher / ODE pairs. The
+    published VAE carries the VAE stage's encoder unchanged, so it stands in for both VAE stages; the published
+    teacher is the final one, refined or not, so it stands in for both teacher stages."""
     root, src = Path(root), Path(src)
     teacher_src = src / TEACHER_FILE
     if not teacher_src.exists():
         raise FileNotFoundError(f"{src} has no {TEACHER_FILE}: it was published without the teacher")
     vae = load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32)
+    teacher = load_dit(teacher_src, dtype=torch.float32)
     models = {"vae": (save_vae, vae), "vae-decoder": (save_vae, vae),
               "text": (save_text_encoder, load_text_encoder(src / BUILTIN_FILES["text_encoder"])),
-              "teacher": (save_dit, load_dit(teacher_src, dtype=torch.float32))}
+              "teacher": (save_dit, teacher), "teacher-refine": (save_dit, teacher)}
     for stage, (save, model) in models.items():
         path = output(root, stage)
         save(model, path)

@@ -42,7 +42,7 @@ from causvid_core.schedule import SWITCH_MODES
 from .ablation import variant_root
 from .config import TrainConfig
 from .results_doc import DEFAULT_DOC, weak_points, write_outputs
-from .stages.common import contrast_negatives, output, student_steps
+from .stages.common import contrast_negatives, output, student_steps, teacher_stage
 
 
 # Seeds. In-distribution prompt i is generated with seed i, held-out prompt j with HELD_OUT_SEED + j,
@@ -142,10 +142,11 @@ class ModelRow:
         return self.kind != "student"
 
 
-def model_rows(root: Path) -> list[ModelRow]:
-    """The rows of the paper's Table 4, in its order, and where each model lives (trainer/ablation.py)."""
+def model_rows(root: Path, teacher: str = "teacher") -> list[ModelRow]:
+    """The rows of the paper's Table 4, in its order, and where each model lives (trainer/ablation.py);
+    `teacher` is the stage of the run's final teacher (stages.common.teacher_stage)."""
     return [
-        ModelRow("teacher", "bidirectional, many-step (teacher)", output(root, "teacher"), "bidirectional"),
+        ModelRow("teacher", "bidirectional, many-step (teacher)", output(root, teacher), "bidirectional"),
         ModelRow("causal-teacher", "causal, many-step (causal teacher)", output(root, "causal-teacher"),
                  "causal-teacher"),
         ModelRow("no-ode-init", "few-step causal: no ODE init + bidirectional DMD",
@@ -638,7 +639,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
 
     rows = {}
     main = None
-    for row in model_rows(root):
+    for row in model_rows(root, teacher_stage(cfg)):
         if not row.path.exists():
             rows[row.key] = dict(status="not trained", label=row.label, kind=row.kind, path=str(row.path))
             continue

@@ -12,7 +12,7 @@ from causvid_core.flow import FlowGrid
 from ..config import TrainConfig
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
-from .common import encode, grid_index, load_frozen, output, require
+from .common import encode, grid_index, load_frozen, output, require, teacher_stage
 from .teacher import latent_set
 from causvid_core.text import load_text_encoder
 
@@ -31,7 +31,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc, chunk = cfg.causal_teacher, cfg.student.chunk_frames
     text = load_frozen(require(root, "text"), load_text_encoder)
     data = latent_set(cfg, root, r)
-    model = load_dit(require(root, "teacher")).train()
+    model = load_dit(require(root, teacher_stage(cfg))).train()
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)

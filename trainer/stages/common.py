@@ -17,6 +17,7 @@ STAGE_OUTPUTS = {
     "vae-decoder": ("vae-decoder", "vae.safetensors"),
     "text": ("text", "text.safetensors"),
     "teacher": ("teacher", "teacher.safetensors"),
+    "teacher-refine": ("teacher-refine", "teacher.safetensors"),
     "causal-teacher": ("causal-teacher", "causal_teacher.safetensors"),
     "ode-init": ("ode-init", "student.safetensors"),
     "dmd": ("dmd", "student.safetensors"),
@@ -33,6 +34,11 @@ def require(root: str | Path, stage: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: run the {stage!r} stage first (causvid-train {stage} ...)")
     return p
+
+
+def teacher_stage(cfg: TrainConfig) -> str:
+    """The stage whose weights are the run's final teacher: teacher-refine when it is configured."""
+    return "teacher-refine" if cfg.teacher_refine.steps > 0 else "teacher"
 
 
 def dit_config(cfg: TrainConfig) -> DiTConfig:

@@ -26,7 +26,7 @@ from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun
 from ..schedules import update_ema
-from .common import contrast_negatives, encode, grid_index, load_frozen, output, require, student_steps
+from .common import contrast_negatives, encode, grid_index, load_frozen, output, require, student_steps, teacher_stage
 from .teacher import latent_set
 
 
@@ -77,10 +77,11 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     shift, steps = student_steps(cfg)
     grid = FlowGrid(shift)
     text = load_frozen(require(root, "text"), load_text_encoder)
-    gen = load_dit(require(root, "ode-init" if sc.init == "ode-init" else "teacher")).train().requires_grad_(True)
-    critic = load_dit(require(root, "teacher")).train().requires_grad_(True)
+    teacher = teacher_stage(cfg)
+    gen = load_dit(require(root, "ode-init" if sc.init == "ode-init" else teacher)).train().requires_grad_(True)
+    critic = load_dit(require(root, teacher)).train().requires_grad_(True)
     real_causal = sc.real_score == "causal-teacher"
-    real = load_frozen(require(root, "causal-teacher" if real_causal else "teacher"), load_dit)
+    real = load_frozen(require(root, "causal-teacher" if real_causal else teacher), load_dit)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)

@@ -15,7 +15,7 @@ from ..config import TrainConfig
 from ..data import load_ode_pairs
 from ..losses import ode_regression_loss
 from ..run import StageRun, train_steps
-from .common import encode, load_frozen, output, require, student_steps
+from .common import encode, load_frozen, output, require, student_steps, teacher_stage
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -28,7 +28,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     states, prompts, timesteps = load_ode_pairs(root / "ode-pairs")  # [N, K+1, C, F, h, w]
     K = states.shape[1] - 1
     text = load_frozen(require(root, "text"), load_text_encoder)
-    student = load_dit(require(root, "teacher")).train()
+    student = load_dit(require(root, teacher_stage(cfg))).train()
     student.requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(shift)

@@ -16,7 +16,7 @@ from causvid_core.text import load_text_encoder
 from ..config import TrainConfig
 from ..data import prompt_batch, save_ode_shard
 from ..run import StageRun
-from .common import contrast_negatives, dit_config, encode, load_frozen, require, student_steps
+from .common import contrast_negatives, dit_config, encode, load_frozen, require, student_steps, teacher_stage
 
 
 def keep_indices(teacher_steps: int, shift: float, steps: list[float]) -> list[int]:
@@ -40,7 +40,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc = cfg.ode_pairs
     shift, steps = student_steps(cfg)
     keep = keep_indices(sc.teacher_steps, shift, steps)
-    teacher = load_frozen(require(root, "teacher"), load_dit)
+    teacher = load_frozen(require(root, teacher_stage(cfg)), load_dit)
     text = load_frozen(require(root, "text"), load_text_encoder)
     dcfg = dit_config(cfg)
     F = (cfg.data.clip_frames - 1) // 4 + 1

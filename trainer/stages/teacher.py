@@ -1,7 +1,8 @@
 """Bidirectional flow-matching teacher on the VAE latents of Shapes World clips, with condition
 dropout (empty prompt) for classifier-free guidance. The saved teacher is the exponential moving
 average of the weights (when `ema` > 0), trained at a learning rate that decays to zero from
-`decay_from`: diffusion samples from raw weights at a constant rate are visibly noisier."""
+`decay_from`: diffusion samples from raw weights at a constant rate are visibly noisier. The optional
+teacher-refine stage (`refine`) trains the finished teacher further on a bigger clip set."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from causvid_core.checkpoints import save_dit
+from causvid_core.checkpoints import load_dit, save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.text import load_text_encoder
 from causvid_core.vae import load_vae
@@ -21,11 +22,31 @@ from ..run import StageRun, train_steps
 from ..schedules import lr_at, update_ema
 from .common import encode, grid_index, load_frozen, new_dit, output, require
 
+REFINE_LATENTS = "latents-refine.safetensors"  # the teacher-refine stage's bigger clip set
 
-def latent_set(cfg: TrainConfig, root: Path, run: StageRun) -> LatentSet:
+
+def latent_set(cfg: TrainConfig, root: Path, run: StageRun, num_clips: int | None = None,
+               name: str = "latents.safetensors") -> LatentSet:
+    """The first num_clips (default data.num_clips) clips of the data set, encoded once into root/name."""
     vae = load_frozen(require(root, "vae"), load_vae)
-    return LatentSet.build(Path(root) / "latents.safetensors", vae, cfg.data.seed, cfg.data.num_clips,
+    return LatentSet.build(Path(root) / name, vae, cfg.data.seed, num_clips or cfg.data.num_clips,
                            cfg.data.clip_frames, is_main=run.is_main, wait=run.acc.wait_for_everyone)
+
+
+def flow_matching_batches(cfg: TrainConfig, run: StageRun, text, data: LatentSet):
+    """The teacher's loss: flow matching on the shifted grid, prompts dropped (empty) for CFG."""
+    sc = cfg.teacher
+    grid = FlowGrid(sc.shift)
+
+    def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
+        x0, prompts = data.batch(idx)
+        drop = run.rand(step, idx, purpose=2) < sc.cond_dropout
+        cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])
+        noise = run.randn(step, idx, tuple(x0.shape[1:]))
+        t = grid_index(grid, run.rand(step, idx, purpose=3))
+        return flow_matching_loss(m, x0, noise, t, cond, grid), {}
+
+    return loss_fn
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -35,19 +56,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         return
     sc = cfg.teacher
     text = load_frozen(require(root, "text"), load_text_encoder)
-    data = latent_set(cfg, root, r)
+    loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r))
     model = new_dit(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
-    grid = FlowGrid(sc.shift)
-
-    def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
-        x0, prompts = data.batch(idx)
-        drop = r.rand(step, idx, purpose=2) < sc.cond_dropout
-        cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])
-        noise = r.randn(step, idx, tuple(x0.shape[1:]))
-        t = grid_index(grid, r.rand(step, idx, purpose=3))
-        return flow_matching_loss(m, x0, noise, t, cond, grid), {}
-
     ema = copy.deepcopy(model).eval().requires_grad_(False) if sc.ema else None
 
     def after_step(step: int, weights=model) -> None:
@@ -62,3 +73,26 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     if r.is_main:
         save_dit(final, output(root, "teacher"))
     r.finish(model=str(output(root, "teacher")), steps=sc.steps, ema=sc.ema, decay_from=sc.decay_from)
+
+
+def refine(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
+    """The teacher-refine stage (TeacherRefineStage): the finished teacher, trained on more clips."""
+    root = Path(root)
+    r = StageRun(root, "teacher-refine", cfg.seed, accelerator)
+    if r.done:
+        return
+    sc = cfg.teacher_refine
+    if sc.num_clips <= cfg.data.num_clips:
+        raise ValueError(f"teacher_refine.num_clips ({sc.num_clips}) must exceed data.num_clips "
+                         f"({cfg.data.num_clips}), the teacher's own clips: refining on them adds nothing")
+    text = load_frozen(require(root, "text"), load_text_encoder)
+    loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r, sc.num_clips, REFINE_LATENTS))
+    model = load_dit(require(root, "teacher")).train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema},
+                        after_step=lambda step, weights=model: update_ema(ema, weights, sc.ema),
+                        lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup=sc.warmup))
+    if r.is_main:
+        save_dit(ema, output(root, "teacher-refine"))
+    r.finish(model=str(output(root, "teacher-refine")), steps=sc.steps, num_clips=sc.num_clips, ema=sc.ema)
