@@ -222,9 +222,13 @@ def shapes() -> TrainConfig:
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four
         teacher=TeacherStage(steps=18000, batch=16, lr=3e-4, ema=0.999, decay_from=8000, log_every=20,
                              ckpt_every=200),
-        # 2048 clips seen ~140 times each: the teacher's loss on fresh clips is 13-17% above its training loss
-        # (sigma 0.3-0.85). More clips (encoding 10240 takes 11 min), then a short second cosine cycle
-        teacher_refine=TeacherRefineStage(steps=4000, batch=16, lr=2e-4, num_clips=10240, warmup=100, ema=0.998,
+        # Off (steps 0; turn on with --set teacher_refine.steps=4000). The teacher's 2048 clips, seen ~140 times
+        # each, fit it 13-17% better than fresh ones (sigma 0.3-0.85). 4000 steps on 10240 clips (11 min to
+        # encode, 19 to train) cut the fresh-clip loss 5-6% and lifted the teacher from 21 to 24/48 all-four
+        # (29 -> 33 with shape contrast, squares 10 -> 14 of 16), but the student distilled from it scored
+        # 60.4% / 41.7% (in-distribution / held-out) against 62.5% / 45.8%: squares up 10 -> 15 of 21,
+        # circles down 30 -> 24 of 31. Not worth 30 minutes of a pipeline already over its time budget.
+        teacher_refine=TeacherRefineStage(steps=0, batch=16, lr=2e-4, num_clips=10240, warmup=100, ema=0.998,
                                           log_every=20, ckpt_every=200),
         causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
         # 768 pairs: ODE init memorised (0% held out). Shape-contrastive guidance (+1.5 x (square - mean of
