@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 from .config import PRESETS, apply_overrides, preset
 
-STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init", "dmd", "export", "pipeline", "ablation", "publish",
-               "results", "restore")
+STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
+               "dmd", "export", "pipeline", "ablation", "publish", "results", "restore")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
