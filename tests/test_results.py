@@ -161,3 +161,50 @@ def test_drift_adds_the_models_own_window_once():
     assert drift_variants({"window_frames": 12, "sink_frames": 3}) == DRIFT_VARIANTS
     extra = drift_variants({"window_frames": 9, "sink_frames": 0})[-1]
     assert extra == CacheVariant("window 9, no sinks (the model's default)", 9, 0)
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diag")
+    fake_run(root)
+    return root
+
+
+def test_diagnose_at_sigma_one_is_the_teacher_row_and_at_zero_the_round_trip(fake_root):
+    """The renoise sweep's ends are two things measured elsewhere: from sigma 1 the teacher samples from the
+    very noise of its RESULTS row (same prompts, seeds, guidance), from sigma 0 the clip is the VAE round trip."""
+    from causvid_core.pipeline import load_components
+    from causvid_core.video_io import from_uint8, to_uint8
+    from causvid_core import world
+    from trainer.config import micro
+    from trainer.diagnose import renoised_clips
+    from trainer.results import QUICK, ManyStep, many_step_batch, prompt_sets
+
+    cfg = micro()
+    comps = load_components(output(fake_root, "teacher-refine"), fake_root / "vae.safetensors",
+                            fake_root / "text.safetensors")
+    specs = [s for split, _, s in prompt_sets(QUICK) if split == "train"]
+    seeds = list(range(len(specs)))
+    ms = ManyStep.from_config(cfg)
+    row = many_step_batch(comps, "bidirectional", [s.prompt for s in specs], seeds, ms, cfg.data.clip_frames)
+    top = renoised_clips(comps, specs, seeds, 1.0, ms, cfg.data.clip_frames)
+    for a, b in zip(row, top):
+        assert a.shape == b.shape and (a.astype(int) - b.astype(int)).__abs__().max() <= 1
+    bottom = renoised_clips(comps, specs, seeds, 0.0, ms, cfg.data.clip_frames)
+    with torch.no_grad():
+        rt = [to_uint8(comps.vae.decode(comps.vae.encode(from_uint8(world.render(s, cfg.data.clip_frames)))))
+              for s in specs]
+    assert all((a == b).all() for a, b in zip(bottom, rt))
+    mid = renoised_clips(comps, specs, seeds, 0.5, ms, cfg.data.clip_frames)
+    assert any((a != b).any() for a, b in zip(mid, bottom))  # the teacher did run from 0.5
+
+
+def test_diagnose_cli_prints_every_sigma_and_refuses_bad_ones(fake_root, capsys):
+    assert main(["diagnose", "--preset", "micro", "--out", str(fake_root), "--quick", "--sigmas", "0,1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert list(res["sigmas"]) == ["0", "1"] and res["prompts"] == 2
+    assert res["teacher"].endswith("teacher-refine/teacher.safetensors")
+    for v in res["sigmas"].values():
+        assert 0.0 <= v["all_four"] <= 1.0 and sum(sum(c.values()) for c in v["shapes"].values()) == 2
+    assert main(["diagnose", "--preset", "micro", "--out", str(fake_root), "--sigmas", "1.5"]) == 2
+    assert "sigmas must lie in [0, 1]" in capsys.readouterr().err

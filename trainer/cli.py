@@ -6,6 +6,7 @@
     causvid-train results --preset shapes --out runs/shapes    # regenerate docs/RESULTS.md from the run
     causvid-train publish --preset shapes --out runs/shapes    # the run -> causvid_core/builtin/ (float16)
     causvid-train restore --preset shapes --out runs/new       # builtin VAE/text/teacher -> finished stages
+    causvid-train diagnose --preset shapes --out runs/shapes   # where the teacher loses prompts (JSON)
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
 
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 from .config import PRESETS, apply_overrides, preset
 
 STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
-               "dmd", "export", "pipeline", "ablation", "publish", "results", "restore")
+               "dmd", "export", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -34,7 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--variants", help="ablation: comma list of variants (default: all)")
     p.add_argument("--doc", help="results: the markdown file to write (default: docs/RESULTS.md of this checkout); "
                                  "plots and results.json go to results/ beside it")
-    p.add_argument("--quick", action="store_true", help="results: a few prompts and short streams (tests)")
+    p.add_argument("--quick", action="store_true", help="results, diagnose: a few prompts and short streams (tests)")
+    p.add_argument("--sigmas", help="diagnose: comma list of starting sigmas in [0, 1] (default 0,0.25,0.5,0.75,0.9,1)")
     p.add_argument("--dest", help="publish / restore: the built-in folder (default: causvid_core/builtin/)")
     p.add_argument("--note", help="publish: how the run departed from a straight run of its config (resumes with "
                                   "changed settings...), kept in PROVENANCE.json")
@@ -74,6 +76,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .results import run_results
         try:
             run_results(cfg, args.out, args.doc, quick=args.quick)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"causvid-train: {exc}", file=sys.stderr)
+            return 2
+    elif args.stage == "diagnose":
+        from .diagnose import DEFAULT_SIGMAS, renoise_sweep
+        try:
+            sigmas = [float(s) for s in args.sigmas.split(",")] if args.sigmas else DEFAULT_SIGMAS
+            print(json.dumps(renoise_sweep(cfg, args.out, sigmas, quick=args.quick,
+                                           log=lambda m: print(m, file=sys.stderr)), indent=2))
         except (FileNotFoundError, ValueError) as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2
