@@ -171,10 +171,13 @@ def sample_flow(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sig
 def sample_bidirectional(model, noise: Tensor, cond: Tensor, uncond: Optional[Tensor] = None, *,
                          steps: int = 50, shift: float = 8.0, guidance: float = 5.0, solver: str = "euler",
                          keep: Sequence[int] = (), negatives: Sequence[Tensor] = (),
-                         contrast: float = 0.0) -> tuple[Tensor, dict[int, Tensor]]:
+                         contrast: float = 0.0, start_sigma: float = 1.0) -> tuple[Tensor, dict[int, Tensor]]:
     """The teacher: many steps over the whole clip at once, with classifier-free guidance (and
-    attribute-contrastive guidance when negatives are given, see `guided_flow`)."""
+    attribute-contrastive guidance when negatives are given, see `guided_flow`). start_sigma < 1: `noise` is
+    a clip already noised to that sigma, integrated over the grid's sigmas below it (SDEdit)."""
     sigmas = flow_sigmas(steps, shift)
+    if start_sigma < 1.0:
+        sigmas = torch.cat([torch.tensor([start_sigma], dtype=sigmas.dtype), sigmas[sigmas < start_sigma]])
     return sample_flow(lambda x, t: guided_flow(model, x, t, cond, uncond, guidance, negatives=negatives,
                                                 contrast=contrast), noise, sigmas, solver, keep)
 

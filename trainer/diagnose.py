@@ -17,38 +17,24 @@ import torch
 from causvid_core import evaluate, world
 
 from .config import TrainConfig
-from .results import FULL, QUICK, ManyStep, clip_seed, main_files, prompt_sets, start_noise
-from .stages.common import output, teacher_stage
+from .results import FULL, QUICK, ManyStep, clip_seed, main_files, many_step_batch, prompt_sets
+from .stages.common import require, teacher_stage
 
 DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
-
-
-def tail_sigmas(s0: float, steps: int, shift: float) -> torch.Tensor:
-    """s0, then the teacher grid's sigmas below it, down to 0 ([n + 1] float64)."""
-    from causvid_core.sampler import flow_sigmas
-
-    grid = flow_sigmas(steps, shift)
-    return torch.cat([torch.tensor([s0], dtype=torch.float64), grid[grid < s0]])
 
 
 @torch.no_grad()
 def renoised_clips(components, specs: Sequence[world.ClipSpec], seeds: Sequence[int], s0: float, ms: ManyStep,
                    frames: int) -> list:
     """The teacher's clips from the real clips noised to s0 (uint8 [T, H, W, 3] each)."""
-    from causvid_core.sampler import guided_flow, sample_flow
     from causvid_core.video_io import from_uint8, to_uint8
 
-    model, text, vae = components.model, components.text_encoder, components.vae
+    vae = components.vae
     x0 = torch.cat([vae.encode(from_uint8(world.render(s, frames))) for s in specs])  # [B, C, F, h, w]
-    noise = torch.cat([start_noise(sd, ms.chunk_frames, tuple(x0.shape[1:])) for sd in seeds])
-    prompts = [s.prompt for s in specs]
-    cond, uncond = text.encode(prompts), text.encode([""] * len(prompts))
-    negatives = ms.negatives(text, prompts)
-    x = ((1 - s0) * x0.double() + s0 * noise.double()).to(x0.dtype)
-    if s0 > 0:
-        x, _ = sample_flow(lambda z, t: guided_flow(model, z, t, cond, uncond, ms.guidance, negatives=negatives,
-                                                    contrast=ms.contrast), x, tail_sigmas(s0, ms.steps, ms.shift))
-    return [to_uint8(v) for v in vae.decode(x.float())]
+    if s0 == 0:
+        return [to_uint8(v) for v in vae.decode(x0)]  # nothing to sample: the VAE round trip
+    return many_step_batch(components, "bidirectional", [s.prompt for s in specs], list(seeds), ms, frames,
+                           start=x0, start_sigma=s0)
 
 
 def renoise_sweep(cfg: TrainConfig, root: str | Path, sigmas: Sequence[float] = DEFAULT_SIGMAS,
@@ -61,9 +47,7 @@ def renoise_sweep(cfg: TrainConfig, root: str | Path, sigmas: Sequence[float] = 
     if any(not 0.0 <= s <= 1.0 for s in sigmas):
         raise ValueError(f"sigmas must lie in [0, 1], got {list(sigmas)}")
     vae, text, _ = main_files(root, cfg)
-    teacher = output(root, teacher_stage(cfg))
-    if not teacher.exists():
-        raise FileNotFoundError(f"{teacher} is missing: run `causvid-train pipeline --out {root}` first")
+    teacher = require(root, teacher_stage(cfg))
     components = load_components(teacher, vae, text)
     counts = QUICK if quick else FULL
     sets = [(i, s) for split, i, s in prompt_sets(counts) if split == "train"][:counts.teacher_n_in]

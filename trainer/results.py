@@ -219,8 +219,9 @@ def start_noise(seed: int, chunk_frames: int, shape: tuple[int, ...]) -> torch.T
 
 @torch.no_grad()
 def many_step_batch(components, kind: str, prompts: list[str], seeds: list[int], ms: ManyStep,
-                    frames: int) -> list[np.ndarray]:
-    """Many-step clips for prompts (one batch): text encoding, guided sampling, VAE decode."""
+                    frames: int, start: Optional[torch.Tensor] = None, start_sigma: float = 1.0) -> list[np.ndarray]:
+    """Many-step clips for prompts (one batch): text encoding, guided sampling, VAE decode. start [B, C, F, h, w]:
+    clean latents noised to start_sigma with the seeds' noise, sampled from there (bidirectional only)."""
     from causvid_core.generate import latent_frames, latent_size
     from causvid_core.sampler import sample_bidirectional, sample_causal_teacher
     from causvid_core.video_io import to_uint8
@@ -231,9 +232,13 @@ def many_step_batch(components, kind: str, prompts: list[str], seeds: list[int],
     noise = torch.cat([start_noise(s, ms.chunk_frames, shape) for s in seeds])  # [B, C, F, h, w]
     cond, uncond = text.encode(prompts), text.encode([""] * len(prompts))
     rivals = dict(negatives=ms.negatives(text, prompts), contrast=ms.contrast)
+    if start is not None:
+        if kind != "bidirectional":
+            raise ValueError("a start from noised clips is for the bidirectional teacher only")
+        noise = ((1 - start_sigma) * start.double() + start_sigma * noise.double()).to(noise.dtype)
     if kind == "bidirectional":
         x0, _ = sample_bidirectional(model, noise, cond, uncond, steps=ms.steps, shift=ms.shift,
-                                     guidance=ms.guidance, **rivals)
+                                     guidance=ms.guidance, start_sigma=start_sigma, **rivals)
     else:
         x0 = sample_causal_teacher(model, noise, cond, uncond, chunk_frames=ms.chunk_frames, steps=ms.steps,
                                    shift=ms.shift, guidance=ms.guidance, **rivals)
