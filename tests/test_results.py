@@ -20,7 +20,8 @@ from conftest import tiny_model
 from trainer.ablation import variant_root
 from trainer.cli import main
 from trainer.results import DRIFT_VARIANTS, CacheVariant, drift_variants, model_rows, start_noise
-from trainer.stages.common import output
+from trainer.config import micro
+from trainer.stages.common import output, vae_stage
 
 SECTIONS = ("# Results", "## What is weak", "## Teacher vs student", "## Speed: one clip end to end",
             "## Ablation (the paper's Table 4 at this scale)", "## Held-out colour-shape pairs",
@@ -167,6 +168,9 @@ def test_drift_adds_the_models_own_window_once():
 def fake_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
     fake_run(root)
+    for stage, name in ((vae_stage(micro()), "vae.safetensors"), ("text", "text.safetensors")):
+        output(root, stage).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).rename(output(root, stage))  # diagnose reads the stages' files: no export needed
     return root
 
 
@@ -176,13 +180,12 @@ def test_diagnose_at_sigma_one_is_the_teacher_row_and_at_zero_the_round_trip(fak
     from causvid_core.pipeline import load_components
     from causvid_core.video_io import from_uint8, to_uint8
     from causvid_core import world
-    from trainer.config import micro
     from trainer.diagnose import renoised_clips
     from trainer.results import QUICK, ManyStep, many_step_batch, prompt_sets
 
     cfg = micro()
-    comps = load_components(output(fake_root, "teacher-refine"), fake_root / "vae.safetensors",
-                            fake_root / "text.safetensors")
+    comps = load_components(output(fake_root, "teacher-refine"), output(fake_root, vae_stage(cfg)),
+                            output(fake_root, "text"))
     specs = [s for split, _, s in prompt_sets(QUICK) if split == "train"]
     seeds = list(range(len(specs)))
     ms = ManyStep.from_config(cfg)

@@ -17,8 +17,8 @@ import torch
 from causvid_core import evaluate, world
 
 from .config import TrainConfig
-from .results import FULL, QUICK, ManyStep, clip_seed, main_files, many_step_batch, prompt_sets
-from .stages.common import require, teacher_stage
+from .results import FULL, QUICK, ManyStep, clip_seed, many_step_batch, prompt_sets
+from .stages.common import require, teacher_stage, vae_stage
 
 DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -46,9 +46,8 @@ def renoise_sweep(cfg: TrainConfig, root: str | Path, sigmas: Sequence[float] = 
     root = Path(root)
     if any(not 0.0 <= s <= 1.0 for s in sigmas):
         raise ValueError(f"sigmas must lie in [0, 1], got {list(sigmas)}")
-    vae, text, _ = main_files(root, cfg)
-    teacher = require(root, teacher_stage(cfg))
-    components = load_components(teacher, vae, text)
+    teacher = require(root, teacher_stage(cfg))  # the stages' own files: no student or export needed
+    components = load_components(teacher, require(root, vae_stage(cfg)), require(root, "text"))
     counts = QUICK if quick else FULL
     sets = [(i, s) for split, i, s in prompt_sets(counts) if split == "train"][:counts.teacher_n_in]
     specs, seeds = [s for _, s in sets], [clip_seed("train", i) for i, _ in sets]

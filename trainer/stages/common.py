@@ -36,6 +36,11 @@ def require(root: str | Path, stage: str) -> Path:
     return p
 
 
+def vae_stage(cfg: TrainConfig) -> str:
+    """The stage whose VAE is the run's final one: vae-decoder (the fine-tuned decoder) when it is configured."""
+    return "vae-decoder" if cfg.vae_decoder.steps > 0 else "vae"
+
+
 def teacher_stage(cfg: TrainConfig) -> str:
     """The stage whose weights are the run's final teacher: teacher-refine when it is configured."""
     return "teacher-refine" if cfg.teacher_refine.steps > 0 else "teacher"

@@ -13,7 +13,7 @@ from causvid_core.pipeline import META_STREAM
 
 from ..config import TrainConfig
 from ..run import StageRun
-from .common import require, student_steps
+from .common import require, student_steps, vae_stage
 
 
 def stream_settings(cfg: TrainConfig) -> dict:
@@ -34,8 +34,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None, source: str = "dmd
         save_dit(student, root / "student.safetensors",
                  {META_STREAM: json.dumps(stream_settings(cfg)), "causvid.trained": json.dumps(
                      {"preset": cfg.name, "source": source})})
-        vae = "vae-decoder" if cfg.vae_decoder.steps > 0 else "vae"  # the fine-tuned decoder when there is one
-        for part, name in ((vae, "vae.safetensors"), ("text", "text.safetensors")):
+        for part, name in ((vae_stage(cfg), "vae.safetensors"), ("text", "text.safetensors")):
             tmp = root / (name + ".tmp")
             shutil.copyfile(require(root, part), tmp)
             os.replace(tmp, root / name)  # atomic: never a half-copied file under the final name
