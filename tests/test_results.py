@@ -24,8 +24,9 @@ from trainer.config import micro
 from trainer.stages.common import output, vae_stage
 
 SECTIONS = ("# Results", "## What is weak", "## Teacher vs student", "## Speed: one clip end to end",
-            "## Ablation (the paper's Table 4 at this scale)", "## Held-out colour-shape pairs",
+            "## Training time", "## Ablation (the paper's Table 4 at this scale)", "## Held-out colour-shape pairs",
             "## Shapes: what is drawn for each prompted shape", "## Long streams: drift", "## Prompt switches", "## Image-to-video", "## Video-to-video")
+TIMED = {"teacher-refine": 5400.0, "dmd": 4500.0}  # 2.75 h: over the 2.5 h target
 STREAM = {"steps": [1000.0, 750.0, 500.0, 250.0], "shift": 5.0, "chunk_frames": 3}
 
 
@@ -41,6 +42,8 @@ def fake_run(root):
     save_vae(random_vae("wan-tiny", seed=0), root / "vae.safetensors")
     torch.manual_seed(0)
     save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval(), root / "text.safetensors")
+    for stage, seconds in TIMED.items():  # two stages that timed themselves; the others did not
+        (root / stage / "DONE.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,11 @@ def test_results_md_has_every_section_and_ablation_row(report):
         assert f"| {mode} | colour |" in text
     weak = text.split("## What is weak")[1].split("\n## ")[0]
     assert "- Missed: the student's all-four accuracy" in weak  # random weights miss every target
+    training = text.split("## Training time")[1].split("\n## ")[0]
+    assert "| teacher-refine | 90.0 |" in training and "| dmd | 75.0 |" in training
+    assert "| vae | not recorded |" in training and "| all stages timed | 165.0 |" in training
+    assert "- Missed: training the run took 2.75 h on this machine in its timed stages alone" in weak
+    assert "Training time not recorded for vae, vae-decoder, text, teacher, " in weak
 
 
 def test_shape_confusion_counts_every_clip_of_the_teacher_student_and_vae(report):

@@ -17,7 +17,7 @@ import torch
 from causvid_core.checkpoints import load_dit
 from trainer.config import apply_overrides, micro, preset
 from trainer.losses import contrast_prompts, dmd_generator_loss, guided_x0
-from trainer.pipeline import run_pipeline, run_stage
+from trainer.pipeline import run_pipeline, run_stage, stage_seconds
 
 PY = sys.executable
 
@@ -37,6 +37,9 @@ def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     print(f"micro pipeline: {total:.0f} s")  # the 3-minute target is reported, not asserted (no timed tests)
     for stage in times:
         assert (root / stage / "DONE.json").exists(), stage
+    spent = stage_seconds(micro(), root)  # what each stage took, for the pipeline's time budget
+    assert list(spent) == list(times) and all(spent[k] > 0 for k in spent), spent
+    assert sum(spent.values()) <= total + 1
     vae = [json.loads(l) for l in (root / "vae" / "metrics.jsonl").read_text().splitlines()]
     assert vae[-1]["psnr"] > vae[0]["psnr"] + 3, "the VAE did not learn"
     text = [json.loads(l) for l in (root / "text" / "metrics.jsonl").read_text().splitlines()]
@@ -210,7 +213,12 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(micro_run, tmp_path
     assert 0 < logged < 150, f"the kill did not land mid-run ({logged} steps logged)"
     state = torch.load(b / "teacher" / "state.pt", weights_only=True)
     assert 0 < state["step"] < 150
+    before = json.loads((b / "teacher" / "seconds.json").read_text())["seconds"]
     subprocess.run(_teacher_cmd(b, *sets), check=True, capture_output=True, timeout=600)
+    # time spent counts across the kill: the resumed process adds to it, and the metrics' clock goes on
+    assert json.loads((b / "teacher" / "DONE.json").read_text())["seconds"] > before > 0
+    clock = [json.loads(l)["time"] for l in metrics.read_text().splitlines()]
+    assert clock == sorted(clock), "the metrics' time went back at the resume"
     la, lb = _losses(a), _losses(b)
     assert [s for s, _ in lb] == list(range(150))
     assert [s for s, _ in la] == [s for s, _ in lb]

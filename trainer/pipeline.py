@@ -2,8 +2,10 @@
 teacher-refine (optional), causal-teacher, ode-pairs, ode-init, dmd, export."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from .config import TrainConfig
 from .stages import causal_teacher, dmd, export, ode_init, ode_pairs, teacher, text, vae, vae_decoder
@@ -28,15 +30,38 @@ def run_stage(name: str, cfg: TrainConfig, root: str | Path, accelerator=None) -
     return time.perf_counter() - t0
 
 
+def active_stages(cfg: TrainConfig) -> list[str]:
+    """The stages this config runs, in order (the optional ones with steps 0 are left out)."""
+    off = {"causal-teacher": cfg.causal_teacher.steps <= 0, "teacher-refine": cfg.teacher_refine.steps <= 0}
+    return [name for name in STAGES if not off.get(name, False)]
+
+
+def stage_seconds(cfg: TrainConfig, root: str | Path) -> dict[str, Optional[float]]:
+    """Wall-clock seconds each finished stage of the run took, resumed work included (DONE.json's
+    `seconds`); None for a stage not finished, or finished before stages recorded their time."""
+    out: dict[str, Optional[float]] = {}
+    for name in active_stages(cfg):
+        done = Path(root) / name / "DONE.json"
+        out[name] = json.loads(done.read_text()).get("seconds") if done.exists() else None
+    return out
+
+
 def run_pipeline(cfg: TrainConfig, root: str | Path, stages=None, accelerator=None, log=print) -> dict[str, float]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(cfg.to_json())
+    unknown = [name for name in stages or () if name not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
     times = {}
-    for name in stages or STAGES:
-        if (name == "causal-teacher" and cfg.causal_teacher.steps <= 0) or (
-                name == "teacher-refine" and cfg.teacher_refine.steps <= 0):
-            continue
+    for name in stages or active_stages(cfg):
+        if name not in active_stages(cfg):
+            continue  # an optional stage this config turns off
         times[name] = run_stage(name, cfg, root, accelerator)
         log(f"[pipeline] {name}: {times[name]:.1f} s")
+    spent = stage_seconds(cfg, root)
+    untimed = [k for k, v in spent.items() if v is None]
+    log(f"[pipeline] training time of the run (all its stages, resumed work included): "
+        f"{sum(v for v in spent.values() if v) / 3600:.2f} h"
+        + (f"; not timed: {', '.join(untimed)}" if untimed else ""))
     return times

@@ -41,6 +41,7 @@ from causvid_core.schedule import SWITCH_MODES
 
 from .ablation import variant_root
 from .config import TrainConfig
+from .pipeline import stage_seconds
 from .results_doc import DEFAULT_DOC, weak_points, write_outputs
 from .stages.common import contrast_negatives, output, student_steps, teacher_stage
 
@@ -108,6 +109,7 @@ class Targets:
     continuous: float = 0.90  # switches without a jump of the object
     i2v_psnr: float = 25.0  # dB, first generated frame vs the image
     v2v_rate: float = 0.50  # restyled clips: new colour, same shape and motion
+    pipeline_hours: float = 2.5  # wall-clock training time of every stage of the run, on this machine
 
 
 @dataclass(frozen=True)
@@ -654,6 +656,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
         if row.key == "student":
             main = components
     res["rows"] = rows
+    res["training"] = stage_seconds(cfg, root)
     res["ceilings"] = timed("ceilings", evaluate_ceilings, main, counts)
     res["speed"] = timed("speed", measure_speed, main, counts)
     res["drift"] = timed("drift", run_drift, main, counts)

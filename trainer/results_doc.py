@@ -82,6 +82,7 @@ def weak_points(res: dict) -> list[str]:
                    f"few-step row here: {few[best]['label']} reaches "
                    f"{_p(_acc(few[best]['shared'], 'in_distribution'))} against "
                    f"{_p(_acc(student['shared'], 'in_distribution'))} in distribution.")
+    out += _weak_training(res["training"], t)
     out += _weak_streams(res, t)
     n_shared = teacher["shared"]["all"]["n"] if teacher["status"] == "ok" else student["shared"]["all"]["n"]
     out.append(f"Sample size: rows are compared on {n_shared} shared prompts, where a 95% interval of a rate is up to "
@@ -106,6 +107,20 @@ def other_work(m: dict) -> Optional[str]:
     if loads and max(loads) > limit:
         return f"load average up to {max(loads):.1f} on {m['cores']} cores"
     return None
+
+
+def _weak_training(spent: dict, t: dict) -> list[str]:
+    out, timed = [], {k: v for k, v in spent.items() if v is not None}
+    total = sum(timed.values()) / 3600
+    if total > t["pipeline_hours"]:
+        slow = ", ".join(f"{k} {timed[k] / 60:.0f} min" for k in sorted(timed, key=timed.get, reverse=True)[:3])
+        out.append(f"Missed: training the run took {total:.2f} h on this machine"
+                   f"{' in its timed stages alone' if len(timed) < len(spent) else ''}, over the "
+                   f"{t['pipeline_hours']} h target (longest: {slow}).")
+    if len(timed) < len(spent):
+        out.append(f"Training time not recorded for {', '.join(k for k in spent if k not in timed)} (unfinished, or "
+                   "finished before stages timed themselves): the training-time total leaves them out.")
+    return out
 
 
 def _weak_streams(res: dict, t: dict) -> list[str]:
@@ -249,6 +264,17 @@ def section_speed(res: dict) -> str:
             + f"\nReal time is the world's {world.FPS} fps: above 1x, frames come faster than they are shown.\n")
 
 
+def section_training(res: dict) -> str:
+    spent = res["training"]
+    timed = [v for v in spent.values() if v is not None]
+    rows = [[k, "not recorded" if v is None else _f(v / 60, 1)] for k, v in spent.items()]
+    rows.append(["all stages" + (" timed" if len(timed) < len(spent) else ""), _f(sum(timed) / 60, 1)])
+    return ("## Training time\n\n"
+            f"Wall-clock minutes each stage of the run took on this machine (its DONE.json `seconds`: every process "
+            f"that ran it, counted up to its last checkpoint), against the {res['targets']['pipeline_hours']} h "
+            "target for the whole pipeline.\n\n" + md_table(["stage", "minutes"], rows))
+
+
 def section_ablation(res: dict) -> str:
     head = ["row", "all-four in-dist", "all-four held-out", *ATTRIBUTES, "IoU", "flicker", "steps (model evals)",
             "s / clip"]
@@ -364,14 +390,15 @@ def section_weak(res: dict) -> str:
             f"distribution and at most {100 * t['teacher_gap']:.0f} points below the teacher; held-out at most "
             f"{100 * t['held_out_gap']:.0f} points below in-distribution; drift at most {100 * t['drift_drop']:.0f} "
             f"points; switches landing >= {_p(t['switched'])} and continuous >= {_p(t['continuous'])}; i2v first "
-            f"frame >= {t['i2v_psnr']:.0f} dB; v2v restyled >= {_p(t['v2v_rate'])}; faster than real time.\n\n"
+            f"frame >= {t['i2v_psnr']:.0f} dB; v2v restyled >= {_p(t['v2v_rate'])}; faster than real time; the "
+            f"pipeline trained in at most {t['pipeline_hours']} h.\n\n"
             + "\n".join(f"- {s}" for s in lines) + "\n")
 
 
 def render_markdown(res: dict, doc: Path, root: Path) -> str:
     parts = [section_header(res, doc, root), section_weak(res), section_teacher_student(res), section_speed(res),
-             section_ablation(res), section_held_out(res), section_shapes(res), section_drift(res), section_switches(res),
-             section_i2v(res), section_v2v(res)]
+             section_training(res), section_ablation(res), section_held_out(res), section_shapes(res),
+             section_drift(res), section_switches(res), section_i2v(res), section_v2v(res)]
     return "\n".join(parts)
 
 

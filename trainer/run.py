@@ -34,7 +34,10 @@ def make_accelerator():
 
 
 class StageRun:
-    """One stage's run in `root/<name>/`: state.pt (resume), metrics.jsonl, DONE.json when finished."""
+    """One stage's run in `root/<name>/`: state.pt (resume), metrics.jsonl, DONE.json when finished, and
+    seconds.json: the wall-clock seconds spent on the stage so far, over every process that ran it (counted
+    at each checkpoint, so work an interruption loses after the last one is not), which DONE.json keeps
+    as `seconds`."""
 
     def __init__(self, root: str | os.PathLike, name: str, seed: int, accelerator=None):
         self.dir = Path(root) / name
@@ -48,7 +51,9 @@ class StageRun:
         self.state_path = self.dir / "state.pt"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.done_path = self.dir / "DONE.json"
+        self.seconds_path = self.dir / "seconds.json"
         self._t0 = time.perf_counter()
+        self._before = json.loads(self.seconds_path.read_text())["seconds"] if self.seconds_path.exists() else 0.0
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +83,17 @@ class StageRun:
         micro = per_rank // grad_accum
         return [list(range(first + m * micro, first + (m + 1) * micro)) for m in range(grad_accum)]
 
+    # -- time ---------------------------------------------------------------------------------------
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds spent on this stage: earlier processes' (seconds.json) plus this one's."""
+        return self._before + time.perf_counter() - self._t0
+
+    def save_seconds(self) -> None:
+        """Record the time spent so far (called at every checkpoint, or after each unit of resumable work)."""
+        if self.is_main:
+            atomic_write_text(self.seconds_path, json.dumps({"seconds": round(self.seconds, 1)}))
+
     # -- checkpoints ----------------------------------------------------------------------------------
     def resume(self, objects: dict[str, Any], optional: tuple[str, ...] = ()) -> int:
         """Load state.pt into the objects (anything with load_state_dict); return the step to start at.
@@ -103,6 +119,7 @@ class StageRun:
             state = {k: _unwrap(self.acc, v).state_dict() for k, v in objects.items()}
             state.update(step=step, rng=torch.get_rng_state())
             atomic_torch_save(state, self.state_path)
+            self.save_seconds()
         self.acc.wait_for_everyone()
 
     def _truncate_metrics(self, step: int) -> None:
@@ -116,7 +133,7 @@ class StageRun:
     def log(self, step: int, **metrics: float) -> None:
         if not self.is_main:
             return
-        row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
+        row = {"step": step, "time": round(self.seconds, 3), **metrics}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -127,7 +144,9 @@ class StageRun:
 
     def finish(self, **outputs: Any) -> None:
         if self.is_main:
-            atomic_write_text(self.done_path, json.dumps({"stage": self.name, **outputs}, indent=2))
+            self.save_seconds()
+            done = {"stage": self.name, **outputs, "seconds": round(self.seconds, 1)}
+            atomic_write_text(self.done_path, json.dumps(done, indent=2))
         self.acc.wait_for_everyone()
 
 

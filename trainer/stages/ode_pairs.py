@@ -60,6 +60,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                                        guidance=sc.guidance, keep=keep, negatives=negatives, contrast=sc.active_contrast)
         states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
         save_ode_shard(path, states, prompts, list(steps) + [0.0])
+        r.save_seconds()
     r.acc.wait_for_everyone()
     r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0],
              contrast=sc.active_contrast)
