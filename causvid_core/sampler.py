@@ -130,14 +130,21 @@ def _t_like(sigma: Tensor, B: int, frames: Optional[int], device) -> Tensor:
 
 @torch.no_grad()
 def sample_flow(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sigmas: Tensor,
-                solver: str = "euler", keep: Sequence[int] = (), per_frame: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+                solver: str = "euler", keep: Sequence[int] = (), per_frame: bool = False, eta: float = 0.0,
+                step_noise: Optional[Callable[[int], Tensor]] = None) -> tuple[Tensor, dict[int, Tensor]]:
     """Integrate the flow ODE from noise (sigmas[0] = 1) to sigmas[-1] = 0.
 
     velocity(x, t) returns the (guided) flow at raw timesteps t [B] (or [B, F] when per_frame).
     solver: "euler" or "dpmpp2m" (DPM-Solver++(2M) in data prediction, alpha = 1 - sigma).
-    keep: indices of the trajectory to return (0 = the noise, len(sigmas) - 1 = the result)."""
+    keep: indices of the trajectory to return (0 = the noise, len(sigmas) - 1 = the result).
+    eta (Euler only): stochastic steps. Each step goes to x0_hat (1 - s') + s' n, n the step's predicted
+    noise eps_hat = x + (1 - s) v mixed with fresh noise: sqrt(1 - eta^2) eps_hat + eta z, z = step_noise(i)
+    [B, ...] (same shape as noise). eta 0 is the Euler step exactly; eta 1 re-noises the x0 prediction with
+    fresh noise at every step (ancestral, like the few-step students' own sampling)."""
     if solver not in ("euler", "dpmpp2m"):
         raise ValueError(f"solver must be 'euler' or 'dpmpp2m', got {solver!r}")
+    if not 0.0 <= eta <= 1.0 or (eta and (solver != "euler" or step_noise is None)):
+        raise ValueError(f"eta must be in [0, 1] (got {eta}); eta > 0 needs the euler solver and step_noise")
     B = noise.shape[0]
     frames = noise.shape[2] if per_frame else None
     x = noise.double()
@@ -150,6 +157,9 @@ def sample_flow(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sig
         x0 = x - s * v
         if s_next == 0.0:
             x = x0
+        elif eta:
+            fresh = step_noise(i).to(device=x.device, dtype=torch.float64)
+            x = (1 - s_next) * x0 + s_next * (math.sqrt(1 - eta ** 2) * (x + (1 - s) * v) + eta * fresh)
         elif solver == "euler" or s >= 1.0:  # at sigma = 1, lambda = -inf: DPM++ starts with an Euler step
             x = x + (s_next - s) * v
         else:
@@ -171,15 +181,18 @@ def sample_flow(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sig
 def sample_bidirectional(model, noise: Tensor, cond: Tensor, uncond: Optional[Tensor] = None, *,
                          steps: int = 50, shift: float = 8.0, guidance: float = 5.0, solver: str = "euler",
                          keep: Sequence[int] = (), negatives: Sequence[Tensor] = (),
-                         contrast: float = 0.0, start_sigma: float = 1.0) -> tuple[Tensor, dict[int, Tensor]]:
+                         contrast: float = 0.0, start_sigma: float = 1.0, eta: float = 0.0,
+                         step_noise: Optional[Callable[[int], Tensor]] = None) -> tuple[Tensor, dict[int, Tensor]]:
     """The teacher: many steps over the whole clip at once, with classifier-free guidance (and
     attribute-contrastive guidance when negatives are given, see `guided_flow`). start_sigma < 1: `noise` is
-    a clip already noised to that sigma, integrated over the grid's sigmas below it (SDEdit)."""
+    a clip already noised to that sigma, integrated over the grid's sigmas below it (SDEdit). eta,
+    step_noise: stochastic steps (`sample_flow`)."""
     sigmas = flow_sigmas(steps, shift)
     if start_sigma < 1.0:
         sigmas = torch.cat([torch.tensor([start_sigma], dtype=sigmas.dtype), sigmas[sigmas < start_sigma]])
     return sample_flow(lambda x, t: guided_flow(model, x, t, cond, uncond, guidance, negatives=negatives,
-                                                contrast=contrast), noise, sigmas, solver, keep)
+                                                contrast=contrast), noise, sigmas, solver, keep,
+                       eta=eta, step_noise=step_noise)
 
 
 @torch.no_grad()

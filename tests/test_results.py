@@ -157,6 +157,29 @@ def test_many_step_rows_start_from_the_students_noise():
     torch.testing.assert_close(start_noise(7, 3, (model.config.out_dim, 9, 8, 8)), chunks)
 
 
+def test_a_stochastic_teacher_row_draws_each_clips_noise_from_its_seed(tmp_path):
+    """ManyStep.eta (the ODE pairs' stochastic steps): a clip is the same sampled alone or in a batch, and
+    differs from the ODE's."""
+    import dataclasses
+
+    import numpy as np
+
+    from causvid_core.pipeline import load_components
+    from trainer.results import ManyStep, many_step_batch
+    fake_run(tmp_path)
+    c = load_components(output(tmp_path, "teacher-refine"), tmp_path / "vae.safetensors", tmp_path / "text.safetensors")
+    ms = ManyStep(steps=6, shift=5.0, guidance=2.0, chunk_frames=3, eta=1.0)
+    prompts = ["a red circle moving left on a black background", "a blue square moving up on a white background"]
+    seeds = [3, 4]
+    with torch.no_grad():
+        both = many_step_batch(c, "bidirectional", prompts, seeds, ms, 9)
+        alone = [many_step_batch(c, "bidirectional", [p], [s], ms, 9)[0] for p, s in zip(prompts, seeds)]
+        ode = many_step_batch(c, "bidirectional", prompts, seeds, dataclasses.replace(ms, eta=0.0), 9)
+    for a, b, o in zip(both, alone, ode):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched float sums may round a level apart
+        assert np.abs(a.astype(int) - o.astype(int)).mean() > 1
+
+
 @pytest.mark.parametrize("backend", ["pil", "matplotlib"])
 def test_drift_compare_plot(tmp_path, backend):
     curves = {"start_frame": [0, 9, 21], "all_four": [1.0, 0.5, None], "iou": [0.9, 0.8, 0.7],

@@ -79,6 +79,34 @@ def test_trajectory_keeps_requested_states():
     assert sorted(kept) == [0, 2, 4, 8] and torch.equal(kept[0], eps) and torch.equal(kept[8], x)
 
 
+def test_stochastic_steps_mix_predicted_and_fresh_noise():
+    """eta 0 is the Euler ODE bit for bit; eta > 0 takes each step to (1 - s') x0_hat + s' (sqrt(1 - eta^2)
+    eps_hat + eta z) with the caller's fresh noise z; eta 1 re-noises x0_hat with z alone (ancestral)."""
+    torch.manual_seed(0)
+    eps, sigmas = torch.randn(3, 2, 1, 2, 2), flow_sigmas(6, 3.0)
+    fresh = [torch.randn(3, 2, 1, 2, 2) for _ in range(6)]
+
+    def velocity(x, t):  # a flow that depends on x and t, so a wrong step formula shows
+        return torch.tanh(x) * (0.3 + t.view(-1, 1, 1, 1, 1) / 1000) - 0.5
+
+    ode, _ = sample_flow(velocity, eps, sigmas)
+    assert torch.equal(sample_flow(velocity, eps, sigmas, eta=0.0, step_noise=lambda i: fresh[i])[0], ode)
+    for eta in (0.5, 1.0):
+        x = eps.double()
+        for i in range(6):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            v = velocity(x.float(), torch.full((3,), s * 1000.0)).double()
+            x0, eps_hat = x - s * v, x + (1 - s) * v
+            x = x0 if s_next == 0 else (1 - s_next) * x0 + s_next * ((1 - eta ** 2) ** 0.5 * eps_hat + eta * fresh[i])
+        out, _ = sample_flow(velocity, eps, sigmas, eta=eta, step_noise=lambda i: fresh[i])
+        assert_close(out, x.float(), atol=1e-6, what=f"eta {eta}")
+        assert not torch.allclose(out, ode, atol=1e-3)
+    with pytest.raises(ValueError, match="step_noise"):
+        sample_flow(velocity, eps, sigmas, eta=0.5)
+    with pytest.raises(ValueError, match="euler"):
+        sample_flow(velocity, eps, sigmas, "dpmpp2m", eta=0.5, step_noise=lambda i: fresh[i])
+
+
 def test_guidance_is_uncond_plus_scale_times_difference():
     model = tiny_model()
     x = torch.randn(1, 16, 3, 2, 2)

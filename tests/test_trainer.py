@@ -86,6 +86,22 @@ def test_later_stages_start_from_the_refined_teacher(micro_run, tmp_path):
         run_stage("teacher-refine", cfg, root)
 
 
+def test_stochastic_ode_pairs_are_seeded_per_pair(micro_run, tmp_path):
+    """ode_pairs.eta > 0: the teacher's trajectories take stochastic steps whose fresh noise is seeded by
+    pair, so the pairs do not depend on the batching; they start from the ODE pairs' noise and end elsewhere."""
+    from trainer.data import load_ode_pairs
+    src, pairs = micro_run[0], {}
+    eta = ["ode_pairs.eta=1.0"]
+    for name, sets in (("ode", []), ("eta", eta), ("eta-b2", eta + ["ode_pairs.batch=2"])):
+        root = tmp_path / name
+        shutil.copytree(src, root, ignore=shutil.ignore_patterns("ode-pairs", "ode-init", "dmd", "ablation", "export"))
+        run_stage("ode-pairs", apply_overrides(micro(), sets), root)
+        pairs[name] = load_ode_pairs(root / "ode-pairs")[0]  # [N, K + 1, C, F, h, w]
+    assert torch.equal(pairs["eta"], pairs["eta-b2"])
+    assert torch.equal(pairs["eta"][:, 0], pairs["ode"][:, 0])  # the same starting noise
+    assert not torch.allclose(pairs["eta"][:, -1], pairs["ode"][:, -1], atol=1e-3)
+
+
 def _assert_decoder_fine_tune_kept_the_encoder(root: Path) -> None:
     """vae-decoder: encoder weights (hence every latent the DiT trained on) identical, decoder changed,
     and the exported VAE is the fine-tuned one."""

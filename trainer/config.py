@@ -116,6 +116,12 @@ class ODEPairsStage(ContrastGuidance):
     teacher_steps: int = 48  # a multiple of 4: the student's warped steps are points of this grid
     guidance: float = 3.0
     batch: int = 8
+    # 0: the teacher's ODE (CausVid's pairs). > 0: stochastic teacher steps (sample_flow's eta), each pair's
+    # fresh noise seeded by (seed, step, pair): trajectories of the student's own kind of sampling. On shapes
+    # (session 7): the teacher at eta 1 draws triangles 6/12 instead of 0-2/12 (all-four 31/48 vs 29/48; fewer
+    # squares), but its pairs are no deterministic map: ODE init 27.1% all-four (vs 47.9%), after DMD 47.9%
+    # / 25.0% held-out (vs 62.5% / 45.8%). Kept at 0.
+    eta: float = 0.0
 
 
 @dataclass

@@ -2,7 +2,8 @@
 and sampled back by the teacher (the tail of its many-step grid below s0, its guidance), then judged like
 every other row. s0 = 1 starts from the very noise of the teacher row of RESULTS (so it is that row);
 s0 = 0 is the VAE round trip. The sigma where all-four falls is where the model decides, and loses, an
-attribute: in the shapes teacher, shapes go between sigma 0.6 and 0.93.
+attribute: in the shapes teacher, shapes go between sigma 0.6 and 0.93. The sampling is the ODE pairs'
+(guidance, contrast, eta): `--set ode_pairs.eta=1` measures the teacher with stochastic steps.
 
     causvid-train diagnose --preset shapes --out runs/shapes --sigmas 0,0.4,0.6,0.75,0.9,1
 """
@@ -53,7 +54,7 @@ def renoise_sweep(cfg: TrainConfig, root: str | Path, sigmas: Sequence[float] = 
     specs, seeds = [s for _, s in sets], [clip_seed("train", i) for i, _ in sets]
     ms = ManyStep.from_config(cfg)
     out = dict(teacher=str(teacher), prompts=len(specs), steps=ms.steps, shift=ms.shift, guidance=ms.guidance,
-               contrast=ms.contrast, sigmas={})
+               contrast=ms.contrast, eta=ms.eta, sigmas={})
     for s0 in sigmas:
         clips = renoised_clips(components, specs, seeds, float(s0), ms, cfg.data.clip_frames)
         right, shapes = 0, collections.defaultdict(collections.Counter)

@@ -169,13 +169,14 @@ class ManyStep:
     chunk_frames: int
     contrast: float = 0.0  # attribute-contrastive guidance (ODEPairsStage.contrast) and its word groups
     contrast_words: tuple = ()
+    eta: float = 0.0  # the bidirectional teacher's stochastic steps (ODEPairsStage.eta; the causal teacher's: 0)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "ManyStep":
         op = cfg.ode_pairs
         words = tuple(tuple(g) for g in op.contrast_words) if op.active_contrast else ()
         return cls(op.teacher_steps, student_steps(cfg)[0], op.guidance, cfg.student.chunk_frames,
-                   op.active_contrast, words)
+                   op.active_contrast, words, op.eta)
 
     def negatives(self, text_encoder, prompts: list[str]) -> list[torch.Tensor]:
         return contrast_negatives(text_encoder, prompts, self.contrast, self.contrast_words)
@@ -206,6 +207,9 @@ def clip_seed(split: str, index: int) -> int:
     return index if split == "train" else HELD_OUT_SEED + index
 
 
+WHOLE_CLIP = -1  # the "chunk" of seeded_noise that draws a many-step row's stochastic steps (chunks are >= 0)
+
+
 def start_noise(seed: int, chunk_frames: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The starting noise of a few-step clip with this seed (each chunk's stream.initial_noise, in
     order), so many-step rows start from exactly the noise the students start from. shape [C, F, h, w]."""
@@ -225,7 +229,7 @@ def many_step_batch(components, kind: str, prompts: list[str], seeds: list[int],
     """Many-step clips for prompts (one batch): text encoding, guided sampling, VAE decode. start [B, C, F, h, w]:
     clean latents noised to start_sigma with the seeds' noise, sampled from there (bidirectional only)."""
     from causvid_core.generate import latent_frames, latent_size
-    from causvid_core.sampler import sample_bidirectional, sample_causal_teacher
+    from causvid_core.sampler import sample_bidirectional, sample_causal_teacher, seeded_noise
     from causvid_core.video_io import to_uint8
 
     model, text = components.model, components.text_encoder
@@ -239,8 +243,13 @@ def many_step_batch(components, kind: str, prompts: list[str], seeds: list[int],
             raise ValueError("a start from noised clips is for the bidirectional teacher only")
         noise = ((1 - start_sigma) * start.double() + start_sigma * noise.double()).to(noise.dtype)
     if kind == "bidirectional":
+        step_noise = None
+        if ms.eta:  # each clip's fresh noise of step i from its seed alone, so batching changes nothing
+            per_clip = [seeded_noise(s) for s in seeds]
+            step_noise = lambda i: torch.cat([n(WHOLE_CLIP, i, (1, *shape)) for n in per_clip])  # noqa: E731
         x0, _ = sample_bidirectional(model, noise, cond, uncond, steps=ms.steps, shift=ms.shift,
-                                     guidance=ms.guidance, start_sigma=start_sigma, **rivals)
+                                     guidance=ms.guidance, start_sigma=start_sigma, eta=ms.eta,
+                                     step_noise=step_noise, **rivals)
     else:
         x0 = sample_causal_teacher(model, noise, cond, uncond, chunk_frames=ms.chunk_frames, steps=ms.steps,
                                    shift=ms.shift, guidance=ms.guidance, **rivals)

@@ -223,6 +223,13 @@ def _contrast_text(ms: dict) -> str:
             "the guidance the ODE pairs and the DMD real score used")
 
 
+def _steps_kind(ms: dict) -> str:
+    if not ms.get("eta"):
+        return "Euler steps"
+    return (f"stochastic Euler steps (eta {ms['eta']}: each step's noise mixes its predicted noise and fresh noise, "
+            "as in the ODE pairs)")
+
+
 def section_teacher_student(res: dict) -> str:
     rows, ceil, ms = res["rows"], res["ceilings"], res["many_step"]
     entries = {"renderer (ceiling)": ceil["renderer"]["shared"], "VAE round trip (ceiling)": ceil["vae"]["shared"]}
@@ -232,7 +239,7 @@ def section_teacher_student(res: dict) -> str:
     if rows["student"]["summary"]["all"]["n"] > rows["student"]["shared"]["all"]["n"]:
         entries["student, all prompts"] = rows["student"]["summary"]
     text = ("## Teacher vs student\n\n"
-            f"Teacher: bidirectional, {ms['steps']} Euler steps, shift {ms['shift']}, guidance {ms['guidance']}"
+            f"Teacher: bidirectional, {ms['steps']} {_steps_kind(ms)}, shift {ms['shift']}, guidance {ms['guidance']}"
             f"{_contrast_text(ms)}, whole clip at once. Student: causal, {len(res['stream_defaults']['steps'])} steps per chunk of "
             f"{res['stream_defaults']['chunk_frames']} latent frames, KV cache. Rows on the shared prompts unless "
             "said otherwise. Text alignment: colour / shape / motion / background / all four; frame quality: "

@@ -57,13 +57,15 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
         negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
         _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
-                                       guidance=sc.guidance, keep=keep, negatives=negatives, contrast=sc.active_contrast)
+                                       guidance=sc.guidance, keep=keep, negatives=negatives,
+                                       contrast=sc.active_contrast, eta=sc.eta,
+                                       step_noise=lambda i, idx=idx: r.randn(i + 1, idx, noise.shape[1:]))
         states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
         save_ode_shard(path, states, prompts, list(steps) + [0.0])
         r.save_seconds()
     r.acc.wait_for_everyone()
     r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0],
-             contrast=sc.active_contrast)
+             contrast=sc.active_contrast, eta=sc.eta)
 
 
 def _latent_hw(root: Path) -> tuple[int, int]:
