@@ -38,7 +38,8 @@ def test_micro_pipeline_runs_every_stage_and_makes_a_video(micro_run, tmp_path):
     for stage in times:
         assert (root / stage / "DONE.json").exists(), stage
     spent = stage_seconds(micro(), root)  # what each stage took, for the pipeline's time budget
-    assert list(spent) == list(times) and all(spent[k] > 0 for k in spent), spent
+    assert list(spent) == list(times) and None not in spent.values(), spent  # export can take 0.0 s
+    assert spent["vae"] > 0 and spent["teacher"] > 0
     assert sum(spent.values()) <= total + 1
     vae = [json.loads(l) for l in (root / "vae" / "metrics.jsonl").read_text().splitlines()]
     assert vae[-1]["psnr"] > vae[0]["psnr"] + 3, "the VAE did not learn"
@@ -97,7 +98,7 @@ def test_stochastic_ode_pairs_are_seeded_per_pair(micro_run, tmp_path):
         shutil.copytree(src, root, ignore=shutil.ignore_patterns("ode-pairs", "ode-init", "dmd", "ablation", "export"))
         run_stage("ode-pairs", apply_overrides(micro(), sets), root)
         pairs[name] = load_ode_pairs(root / "ode-pairs")[0]  # [N, K + 1, C, F, h, w]
-    assert torch.equal(pairs["eta"], pairs["eta-b2"])
+    torch.testing.assert_close(pairs["eta"], pairs["eta-b2"], atol=1e-4, rtol=1e-4)  # batched float sums only
     assert torch.equal(pairs["eta"][:, 0], pairs["ode"][:, 0])  # the same starting noise
     assert not torch.allclose(pairs["eta"][:, -1], pairs["ode"][:, -1], atol=1e-3)
 
