@@ -234,6 +234,9 @@ def shapes() -> TrainConfig:
         # (29 -> 33 with shape contrast, squares 10 -> 14 of 16), but the student distilled from it scored
         # 60.4% / 41.7% (in-distribution / held-out) against 62.5% / 45.8%: squares up 10 -> 15 of 21,
         # circles down 30 -> 24 of 31. Not worth 30 minutes of a pipeline already over its time budget.
+        # More clips from the start do not help either: a teacher trained 18000 steps on 10240 clips (session 7,
+        # --set data.num_clips=10240) draws as this one does (diagnose: 36 vs 37 of 48 from sigma 0.6, 29 vs 29
+        # from noise; triangles 0 of 12 from noise).
         teacher_refine=TeacherRefineStage(steps=0, batch=16, lr=2e-4, num_clips=10240, warmup=100, ema=0.998,
                                           log_every=20, ckpt_every=200),
         causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
