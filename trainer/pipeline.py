@@ -53,9 +53,9 @@ def run_pipeline(cfg: TrainConfig, root: str | Path, stages=None, accelerator=No
     unknown = [name for name in stages or () if name not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
-    times = {}
-    for name in stages or active_stages(cfg):
-        if name not in active_stages(cfg):
+    times, active = {}, active_stages(cfg)
+    for name in stages or active:
+        if name not in active:
             continue  # an optional stage this config turns off
         times[name] = run_stage(name, cfg, root, accelerator)
         log(f"[pipeline] {name}: {times[name]:.1f} s")
