@@ -110,9 +110,12 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     # downsample then sits at full resolution on 16 channels, and it trains on a plateau where the object
     # is drawn as background: object PSNR 10-13 dB over 1000 steps (this preset: 19-20 dB by step 500),
     # round trip 40% all-four, colour 67% (1.3-1.6 s a step against this preset's 0.8). Still on the plateau
-    # in 120-340-step probes with lr 1e-3, with 2 encoder blocks a level, or with a 4x object weight; the
-    # same layout without temporal downsampling learns as this one does, and 32 channels at full resolution
-    # run at under a quarter of this preset's speed.
+    # in 120-340-step probes with lr 1e-3, with 2 encoder blocks a level, with a 4x object weight, with a
+    # KL weight of 1e-3 (which keeps mu bounded: KL 2-4 instead of 50-400), and with this preset's own
+    # layout whose last level compresses time alone (a stride-1 Resample: time ops at 32 and 16 pixels,
+    # as here). Without temporal downsampling the 16x16 layout learns as this one does: x4 space and x4
+    # time together are what fails, wherever the time ops sit. 32 channels at full resolution run at under
+    # a quarter of this preset's speed.
 }
 
 
