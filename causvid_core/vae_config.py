@@ -108,12 +108,12 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     # Tried and dropped (session 8): the same one level shorter, x4 space / x4 time ([16, F, 16, 16] latents,
     # a shape ~3 latent cells across; DiT patch (1, 4, 4) keeps the 16 tokens a frame). Its first temporal
     # downsample then sits at full resolution on 16 channels, and it trains on a plateau where the object
-    # is drawn as background: object PSNR 10-13 dB over 1000 steps (this preset: 19-20 dB by step 500),
+    # is drawn as background: object PSNR 10-13 dB over 1000 steps (this preset: 16-19 dB by step 500),
     # round trip 40% all-four, colour 67% (1.3-1.6 s a step against this preset's 0.8). Still on the plateau
-    # in 120-340-step probes with lr 1e-3, with 2 encoder blocks a level, with a 4x object weight, with a
-    # KL weight of 1e-3 (which keeps mu bounded: KL 2-4 instead of 50-400), and with this preset's own
-    # layout whose last level compresses time alone (a stride-1 Resample: time ops at 32 and 16 pixels,
-    # as here). Without temporal downsampling the 16x16 layout learns as this one does, and with x2 time
+    # in 120-340-step probes with lr 1e-3, with 2 encoder blocks a level, with a 4x object weight, and with
+    # this preset's own layout whose last level compresses time alone (a stride-1 Resample: time ops at 32
+    # and 16 pixels, as here), also with a KL weight of 1e-3 (mu bounded: KL 2-4 instead of 20-400).
+    # Without temporal downsampling the 16x16 layout learns as this one does, and with x2 time
     # (temperal_downsample (False, True), 17 latent frames) it learns ~2 dB behind it (object PSNR 13-16.6
     # over steps 200-420, 2.4 s a step): x4 space and x4 time together are what fails, wherever the time ops
     # sit. 32 channels at full resolution run at under a quarter of this preset's speed.
