@@ -114,9 +114,9 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     # this preset's own layout whose last level compresses time alone (a stride-1 Resample: time ops at 32
     # and 16 pixels, as here), also with a KL weight of 1e-3 (mu bounded: KL 2-4 instead of 20-400).
     # Without temporal downsampling the 16x16 layout learns as this one does, and with x2 time
-    # (temperal_downsample (False, True), 17 latent frames) it learns ~2 dB behind it (object PSNR 13-16.6
-    # over steps 200-420, 2.4 s a step): x4 space and x4 time together are what fails, wherever the time ops
-    # sit. 32 channels at full resolution run at under a quarter of this preset's speed.
+    # (temperal_downsample (False, True), 17 latent frames, 2.4 s a step) it trails by ~2 dB to step 420,
+    # then draws level (object PSNR 17-22 over steps 700-960): x4 space and x4 time together are what
+    # fails, wherever the time ops sit. 32 channels at full resolution run at under a quarter of this preset's speed.
 }
 
 
