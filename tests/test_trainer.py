@@ -146,6 +146,48 @@ def test_grown_decoder_starts_as_the_old_one_and_can_learn():
         grow_decoder(grown, 1)
 
 
+def test_adversarial_decoder_fine_tune_resumes_with_its_discriminator(micro_run, tmp_path, monkeypatch):
+    """vae-decoder with the adversarial term: the discriminator trains from step 0, the decoder feels it from
+    adv_start; a run stopped after a checkpoint and resumed ends with the losses and weights of a straight run,
+    so the discriminator and its optimiser state are saved and restored with the decoder."""
+    from causvid_core.vae import load_vae
+    from trainer.stages import vae_decoder
+    src = micro_run[0]
+    sets = ["vae_decoder.steps=6", "vae_decoder.adv_start=3", "vae_decoder.log_every=1", "vae_decoder.ckpt_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for root in (straight, resumed):
+        _copy_prereqs(src, root)
+    cfg = apply_overrides(micro(), sets)
+    vae_decoder.run(cfg, straight)
+    from trainer.run import StageRun
+    checkpoint = StageRun.checkpoint
+
+    def checkpoint_then_die(self, step, objects):
+        checkpoint(self, step, objects)
+        raise KeyboardInterrupt  # the process dies right after its first checkpoint
+
+    monkeypatch.setattr(StageRun, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        vae_decoder.run(cfg, resumed)
+    monkeypatch.setattr(StageRun, "checkpoint", checkpoint)
+    state = torch.load(resumed / "vae-decoder" / "state.pt", weights_only=True)
+    assert state["step"] == 3 and {"disc", "disc_optimizer"} <= set(state)
+    vae_decoder.run(cfg, resumed)
+    rows = {name: [json.loads(l) for l in (root / "vae-decoder" / "metrics.jsonl").read_text().splitlines()]
+            for name, root in (("straight", straight), ("resumed", resumed))}
+    assert [r["step"] for r in rows["resumed"]] == list(range(6))
+    assert all("d_loss" in r for r in rows["straight"])
+    assert [("g_loss" in r) for r in rows["straight"]] == [False] * 3 + [True] * 3
+    assert all(r["adv_weight"] > 0 for r in rows["straight"][3:])
+    for a, b in zip(rows["straight"], rows["resumed"]):
+        for k in ("loss", "d_loss", "g_loss"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
+    wa = load_vae(straight / "vae-decoder" / "vae.safetensors").state_dict()
+    wb = load_vae(resumed / "vae-decoder" / "vae.safetensors").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 def test_decoder_lr_warms_up_then_decays_to_zero():
     from trainer.schedules import lr_at
     lrs = [lr_at(s, 100, 1e-3, 10) for s in range(100)]

@@ -55,6 +55,11 @@ class VAEDecoderStage(LoopConfig):
     edge_weight: float = 1.0  # weight of the spatial-gradient L1 (prices blurred edges)
     warmup: int = 20  # then cosine decay to zero
     decoder_res_blocks: Optional[int] = None  # grow the decoder to this many (+1) blocks a level (None: keep)
+    # adversarial term (trainer/adversarial.py): a patch discriminator on frames, weighted adaptively
+    adv_weight: float = 0.0  # 0: off; else the scale of the adaptive (VQGAN) weight
+    adv_start: int = 0  # the decoder feels the discriminator from this step (the discriminator trains from 0)
+    lr_disc: float = 2e-4
+    disc_channels: tuple = (32, 64, 128)
 
 
 @dataclass
@@ -194,7 +199,8 @@ def micro() -> TrainConfig:
         vae=VAEStage(preset="wan-tiny", steps=30, batch=4, lr=2e-3, clip_frames=5, burn_in_frames=4, log_every=5,
                      ckpt_every=10,
                      stats_clips=8),
-        vae_decoder=VAEDecoderStage(steps=6, batch=2, lr=1e-3, decoder_res_blocks=2, log_every=2, ckpt_every=3),
+        vae_decoder=VAEDecoderStage(steps=6, batch=2, lr=1e-3, decoder_res_blocks=2, adv_weight=0.5, adv_start=2,
+                                    disc_channels=(8, 16, 16), log_every=2, ckpt_every=3),
         text=TextStage(steps=30, batch=16, lr=3e-3, text_dim=16, text_len=12, num_layers=1, num_heads=2, ffn_dim=32,
                        log_every=5, ckpt_every=10),
         dit=DiTArch(preset="shapes", overrides=dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16,
@@ -220,9 +226,10 @@ def shapes() -> TrainConfig:
         vae=VAEStage(preset="shapes", steps=2500, batch=8, lr=2e-3, clip_frames=9, burn_in_frames=32,
                      log_every=20, ckpt_every=200,
                      stats_clips=128),
-        # the VAE stage's decoder draws triangles soft enough to pass for circles: sharpen it (encoder frozen)
-        vae_decoder=VAEDecoderStage(steps=2000, batch=2, lr=2e-4, warmup=100, decoder_res_blocks=2, log_every=20,
-                                    ckpt_every=100),
+        # the VAE stage's decoder draws triangles soft enough to pass for circles: sharpen it (encoder frozen),
+        # from step 200 against a patch discriminator (RESULT_PENDING)
+        vae_decoder=VAEDecoderStage(steps=2000, batch=2, lr=2e-4, warmup=100, decoder_res_blocks=2, adv_weight=0.5,
+                                    adv_start=200, log_every=20, ckpt_every=100),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four

@@ -1,0 +1,52 @@
+"""The adversarial term of the decoder fine-tune: a small patch discriminator on single frames, hinge
+losses, and the adaptive weight of taming-transformers (VQGAN): the adversarial gradient at the decoder's
+last layer scaled to the reconstruction gradient's size, so one weight works at any loss scale.
+
+Why: an L1/MSE decoder asked to draw a shape its latent leaves slightly uncertain draws the average,
+a blurred dome that the evaluator reads as a circle, although a latent shape classifier still reads
+the triangle in those latents (session 9). A discriminator prices that blur directly."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PatchDiscriminator(nn.Module):
+    """Frames [B, 3, T, H, W] -> patch logits [B * T, 1, H / 2^n, W / 2^n] (n = len(channels)).
+
+    Circular padding: Shapes World is a torus, so an edge-crossing shape is real, not an artefact."""
+
+    def __init__(self, channels: Sequence[int] = (32, 64, 128), groups: int = 8):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1, padding_mode="circular"),
+                       nn.GroupNorm(groups, c) if i else nn.Identity(), nn.LeakyReLU(0.2)]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, 1, 3, padding=1, padding_mode="circular"))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, video: Tensor) -> Tensor:
+        B, C, T, H, W = video.shape
+        return self.net(video.transpose(1, 2).reshape(B * T, C, H, W))
+
+
+def discriminator_loss(disc: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
+    """Hinge loss of the discriminator (fake is detached here)."""
+    return F.relu(1.0 - disc(real)).mean() + F.relu(1.0 + disc(fake.detach())).mean()
+
+
+def generator_loss(disc: nn.Module, fake: Tensor) -> Tensor:
+    return -disc(fake).mean()
+
+
+def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_weight: Tensor, max_weight: float = 1e4) -> Tensor:
+    """|d rec / d last| / |d adv / d last| (detached), the VQGAN balance of the two terms."""
+    g_rec = torch.autograd.grad(rec_loss, last_weight, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last_weight, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
