@@ -146,6 +146,23 @@ def test_grown_decoder_starts_as_the_old_one_and_can_learn():
         grow_decoder(grown, 1)
 
 
+def _die_after_first_checkpoint(monkeypatch, stage_run, cfg, root: Path, stage: str) -> dict:
+    """Run a stage in-process until its first checkpoint is written, then stop it there (as a kill would);
+    return the state it left."""
+    from trainer.run import StageRun
+    checkpoint = StageRun.checkpoint
+
+    def checkpoint_then_die(self, step, objects):
+        checkpoint(self, step, objects)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageRun, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage_run(cfg, root)
+    monkeypatch.setattr(StageRun, "checkpoint", checkpoint)
+    return torch.load(root / stage / "state.pt", weights_only=True)
+
+
 def test_adversarial_decoder_fine_tune_resumes_with_its_discriminator(micro_run, tmp_path, monkeypatch):
     """vae-decoder with the adversarial term: the discriminator trains from step 0, the decoder feels it from
     adv_start; a run stopped after a checkpoint and resumed ends with the losses and weights of a straight run,
@@ -159,18 +176,7 @@ def test_adversarial_decoder_fine_tune_resumes_with_its_discriminator(micro_run,
         _copy_prereqs(src, root)
     cfg = apply_overrides(micro(), sets)
     vae_decoder.run(cfg, straight)
-    from trainer.run import StageRun
-    checkpoint = StageRun.checkpoint
-
-    def checkpoint_then_die(self, step, objects):
-        checkpoint(self, step, objects)
-        raise KeyboardInterrupt  # the process dies right after its first checkpoint
-
-    monkeypatch.setattr(StageRun, "checkpoint", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        vae_decoder.run(cfg, resumed)
-    monkeypatch.setattr(StageRun, "checkpoint", checkpoint)
-    state = torch.load(resumed / "vae-decoder" / "state.pt", weights_only=True)
+    state = _die_after_first_checkpoint(monkeypatch, vae_decoder.run, cfg, resumed, "vae-decoder")
     assert state["step"] == 3 and {"disc", "disc_optimizer"} <= set(state)
     vae_decoder.run(cfg, resumed)
     rows = {name: [json.loads(l) for l in (root / "vae-decoder" / "metrics.jsonl").read_text().splitlines()]
@@ -186,6 +192,65 @@ def test_adversarial_decoder_fine_tune_resumes_with_its_discriminator(micro_run,
     wa = load_vae(straight / "vae-decoder" / "vae.safetensors").state_dict()
     wb = load_vae(resumed / "vae-decoder" / "vae.safetensors").state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_adversarial_ode_init_trains_its_discriminator_and_resumes(micro_run, tmp_path, monkeypatch):
+    """ode-init with the matching-aware latent discriminator: it learns to tell real clips of their prompt from
+    the student's and from real clips under a swapped shape word (from the first steps, the student's loss adds
+    its generator term from adv_start), and a stopped run resumes to the straight run's losses and weights."""
+    from trainer.stages import ode_init
+    from trainer.config import SHAPE_WORDS
+    src = micro_run[0]
+    sets = ["ode_init.steps=8", "ode_init.adv_weight=0.1", "ode_init.adv_start=4", "ode_init.log_every=1",
+            "ode_init.ckpt_every=4", f"ode_init.mismatch_words={json.dumps([list(SHAPE_WORDS)])}"]
+    cfg = apply_overrides(micro(), sets)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for root in (straight, resumed):
+        _copy_prereqs(src, root)
+        for stage in ("teacher", "teacher-refine", "ode-pairs"):
+            shutil.copytree(src / stage, root / stage)
+    ode_init.run(cfg, straight)
+    state = _die_after_first_checkpoint(monkeypatch, ode_init.run, cfg, resumed, "ode-init")
+    assert state["step"] == 4 and {"disc", "disc_optimizer"} <= set(state)
+    ode_init.run(cfg, resumed)
+    rows = {name: [json.loads(l) for l in (root / "ode-init" / "metrics.jsonl").read_text().splitlines()]
+            for name, root in (("straight", straight), ("resumed", resumed))}
+    assert [r["step"] for r in rows["resumed"]] == list(range(8))
+    assert [("g_loss" in r) for r in rows["straight"]] == [False] * 4 + [True] * 4
+    assert all({"d_real", "d_fake", "d_mismatch", "regression"} <= set(r) for r in rows["straight"])
+    for a, b in zip(rows["straight"], rows["resumed"]):
+        for k in ("loss", "d_loss", "regression"):
+            assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
+    wa = load_dit(straight / "ode-init" / "student.safetensors").state_dict()
+    wb = load_dit(resumed / "ode-init" / "student.safetensors").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_matching_discriminator_learns_the_prompt_not_only_realism():
+    """matching_d_loss: trained on 'real' latents whose class is in the prompt, the latent discriminator
+    ends up scoring a real clip under its own prompt above the same clip under a swapped prompt."""
+    from trainer.adversarial import LatentDiscriminator, matching_d_loss
+    torch.manual_seed(0)
+    disc = LatentDiscriminator(4, 8, width=16, depth=2)
+    opt = torch.optim.Adam(disc.parameters(), lr=3e-3, betas=(0.5, 0.9))
+    words = torch.randn(2, 1, 8)  # two one-token "prompts"
+
+    def batch(n=16):
+        label = torch.randint(0, 2, (n,))
+        z = torch.randn(n, 4, 3, 6, 6) * 0.1
+        z[:, 0] += torch.where(label == 1, 1.0, -1.0)[:, None, None, None]  # the class is in channel 0
+        return z, words[label], words[1 - label]
+
+    for _ in range(200):
+        z, text, swapped = batch()
+        loss, _ = matching_d_loss(disc, z, text, torch.randn_like(z), text, swapped)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z, text, swapped = batch(64)
+    with torch.no_grad():
+        right, wrong = disc(z, text), disc(z, swapped)
+    assert (right > wrong).float().mean() > 0.9
 
 
 def test_decoder_lr_warms_up_then_decays_to_zero():

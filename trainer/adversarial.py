@@ -50,3 +50,34 @@ def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_weight: Tensor, max
     g_adv = torch.autograd.grad(adv_loss, last_weight, retain_graph=True)[0]
     return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
+
+
+class LatentDiscriminator(nn.Module):
+    """Is a clean latent clip [B, C, F, h, w] a real clip of its prompt? Prompt tokens [B, L, D_text] are
+    mean-pooled and enter by projection (Miyato and Koyama 2018): logit = w . h + <embed(text), h>, h the
+    max-pooled features of a 3D conv stack (circular in space, as the world wraps; causal zero padding in
+    time). Trained on real latents (true), the generator's (false) and real latents under a prompt with one
+    attribute word swapped (false), it checks the attributes a prompt names, not only realism [B]."""
+
+    def __init__(self, in_dim: int, text_dim: int, width: int = 64, depth: int = 3):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv3d(in_dim if i == 0 else width, width, 3) for i in range(depth))
+        self.out = nn.Linear(width, 1)
+        self.embed = nn.Linear(text_dim, width, bias=False)
+
+    def forward(self, z: Tensor, text: Tensor) -> Tensor:
+        h = z.float()
+        for conv in self.convs:
+            h = F.pad(F.pad(h, (1, 1, 1, 1, 0, 0), mode="circular"), (0, 0, 0, 0, 2, 0))  # [B, C, F + 2, h + 2, w + 2]
+            h = F.silu(conv(h))
+        h = h.amax(dim=(2, 3, 4))  # [B, width]
+        return self.out(h).squeeze(-1) + (self.embed(text.float().mean(dim=1)) * h).sum(-1)
+
+
+def matching_d_loss(disc: nn.Module, real: Tensor, real_text: Tensor, fake: Tensor, fake_text: Tensor,
+                    mismatched_text: Tensor) -> tuple[Tensor, dict]:
+    """Non-saturating loss of a matching-aware discriminator (Reed et al. 2016): real clips with their prompts
+    are true; the generator's clips (detached) and real clips with a mismatched prompt are false."""
+    r, f, m = disc(real, real_text), disc(fake.detach(), fake_text), disc(real, mismatched_text)
+    loss = F.softplus(-r).mean() + 0.5 * (F.softplus(f).mean() + F.softplus(m).mean())
+    return loss, {"d_real": r.mean().item(), "d_fake": f.mean().item(), "d_mismatch": m.mean().item()}

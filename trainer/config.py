@@ -131,7 +131,13 @@ class ODEPairsStage(ContrastGuidance):
 
 @dataclass
 class ODEInitStage(LoopConfig):
-    pass
+    # adversarial term (trainer/adversarial.py LatentDiscriminator, as ADD adds one to distillation): the
+    # student's x0 against real latents of the data set, prompt-conditioned; 0: off
+    adv_weight: float = 0.0
+    adv_start: int = 0  # the student feels the discriminator from this step (the discriminator trains from 0)
+    lr_disc: float = 2e-4
+    disc_width: int = 64
+    mismatch_words: list = field(default_factory=list)  # word groups for the mismatched-prompt negatives
 
 
 @dataclass
@@ -210,7 +216,8 @@ def micro() -> TrainConfig:
                                           ckpt_every=3),
         causal_teacher=CausalTeacherStage(steps=10, batch=8, lr=1e-3, log_every=5, ckpt_every=5),
         ode_pairs=ODEPairsStage(num_pairs=8, teacher_steps=8, batch=4),
-        ode_init=ODEInitStage(steps=10, batch=4, lr=1e-3, log_every=5, ckpt_every=5),
+        ode_init=ODEInitStage(steps=10, batch=4, lr=1e-3, adv_weight=0.1, adv_start=5, disc_width=16,
+                              mismatch_words=[list(SHAPE_WORDS)], log_every=5, ckpt_every=5),
         dmd=DMDStage(steps=10, batch=4, lr=1e-3, lr_critic=1e-3, gen_every=2, log_every=5, ckpt_every=5),
     )
 
@@ -252,7 +259,11 @@ def shapes() -> TrainConfig:
         # instead of 21/48 (triangles stay circles); at 3 the distilled student drew squares too big to find
         ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=3.0, batch=32, contrast=1.5,
                                 contrast_words=[list(SHAPE_WORDS)]),
-        ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
+        # + a matching-aware latent discriminator from step 200 (real clips of their prompt against the student's
+        # x0 and against real clips under a swapped shape word): the teacher's pairs draw triangles as domes, the
+        # data does not (RESULT_PENDING)
+        ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, adv_weight=0.5, adv_start=200,
+                              mismatch_words=[list(SHAPE_WORDS)], log_every=20, ckpt_every=100),
         # Self-Forcing's generator input (the student's own cached rollout): against CausVid's noised data it
         # kept in-distribution all-four (45.8% vs 47.9%, n=48) and lifted held-out pairs 33.3% -> 45.8% (n=24)
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,

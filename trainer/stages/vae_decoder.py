@@ -14,7 +14,12 @@ frame position of a clip, so the causal caches are trained as they are used.
 `decoder_res_blocks` grows the decoder: each level gets extra residual blocks that start as the
 identity (last conv zeroed), so the grown decoder starts as exactly the VAE stage's and only adds room.
 Measured on the decoder this replaces (same width, 400 steps on 9-frame windows): triangles came back
-from a round trip as rounded bullets, 11 of 20 read as triangles."""
+from a round trip as rounded bullets, 11 of 20 read as triangles.
+
+`adv_weight` > 0 adds a patch discriminator (trainer/adversarial.py), trained from the first step; from
+`adv_start` the decoder's loss adds its generator term at the VQGAN adaptive weight. The L1, MSE and edge
+terms still hedge between the shapes a latent leaves open and draw their blurred average; the
+discriminator prices exactly that average."""
 from __future__ import annotations
 
 from pathlib import Path
