@@ -12,9 +12,9 @@ from causvid_core.checkpoints import load_dit, save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.text import load_text_encoder
 
+from ..adversarial import LatentDiscriminator, matching_d_loss
 from ..config import TrainConfig
 from ..data import load_ode_pairs
-from ..adversarial import LatentDiscriminator, matching_d_loss
 from ..losses import contrast_prompts, ode_regression, ode_regression_loss
 from ..run import StageRun, train_steps
 from .common import encode, load_frozen, output, require, student_steps, teacher_stage
@@ -46,7 +46,8 @@ class Adversary:
     def add(self, step: int, idx: list[int], loss: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor
             ) -> tuple[torch.Tensor, dict]:
         real, real_prompts = self.data.batch(idx)
-        swapped = contrast_prompts(real_prompts, self.sc.mismatch_words)
+        swapped = contrast_prompts(real_prompts, self.sc.mismatch_words)  # K x [B]; [] without word groups
+        # without word groups: each clip under its neighbour's prompt (mostly another prompt)
         mismatched = encode(self.text, swapped[step % len(swapped)] if swapped else real_prompts[1:] + real_prompts[:1])
         self.disc.requires_grad_(True)
         self.opt.zero_grad(set_to_none=True)
