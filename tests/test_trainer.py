@@ -146,10 +146,13 @@ def test_grown_decoder_starts_as_the_old_one_and_can_learn():
         grow_decoder(grown, 1)
 
 
-def _die_after_first_checkpoint(monkeypatch, stage_run, cfg, root: Path, stage: str) -> dict:
-    """Run a stage in-process until its first checkpoint is written, then stop it there (as a kill would);
-    return the state it left."""
+def _stopped_and_resumed(monkeypatch, stage_run, cfg, straight: Path, resumed: Path, stage: str, keys, weights):
+    """Run a stage straight in one folder; in the other, stop it in-process right after its first checkpoint (as
+    a kill would) and run it again to the end. Both must log the same losses (`keys`, where logged; 1e-5) and end
+    with the same weights (`weights()` loads a folder's output; 1e-6). Returns the state the stopped run left
+    and both runs' metric rows."""
     from trainer.run import StageRun
+    stage_run(cfg, straight)
     checkpoint = StageRun.checkpoint
 
     def checkpoint_then_die(self, step, objects):
@@ -158,9 +161,20 @@ def _die_after_first_checkpoint(monkeypatch, stage_run, cfg, root: Path, stage: 
 
     monkeypatch.setattr(StageRun, "checkpoint", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):
-        stage_run(cfg, root)
+        stage_run(cfg, resumed)
     monkeypatch.setattr(StageRun, "checkpoint", checkpoint)
-    return torch.load(root / stage / "state.pt", weights_only=True)
+    state = torch.load(resumed / stage / "state.pt", weights_only=True)
+    stage_run(cfg, resumed)
+    rows = [[json.loads(l) for l in (root / stage / "metrics.jsonl").read_text().splitlines()]
+            for root in (straight, resumed)]
+    for a, b in zip(*rows):
+        for k in keys:
+            assert (k in a) == (k in b), (a["step"], k)
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
+    wa, wb = weights(straight).state_dict(), weights(resumed).state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    return state, *rows
 
 
 def test_adversarial_decoder_fine_tune_resumes_with_its_discriminator(micro_run, tmp_path, monkeypatch):
@@ -174,24 +188,14 @@ def test_adversarial_decoder_fine_tune_resumes_with_its_discriminator(micro_run,
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for root in (straight, resumed):
         _copy_prereqs(src, root)
-    cfg = apply_overrides(micro(), sets)
-    vae_decoder.run(cfg, straight)
-    state = _die_after_first_checkpoint(monkeypatch, vae_decoder.run, cfg, resumed, "vae-decoder")
+    state, rows, resumed_rows = _stopped_and_resumed(
+        monkeypatch, vae_decoder.run, apply_overrides(micro(), sets), straight, resumed, "vae-decoder",
+        ("loss", "d_loss", "g_loss"), lambda root: load_vae(root / "vae-decoder" / "vae.safetensors"))
     assert state["step"] == 3 and {"disc", "disc_optimizer"} <= set(state)
-    vae_decoder.run(cfg, resumed)
-    rows = {name: [json.loads(l) for l in (root / "vae-decoder" / "metrics.jsonl").read_text().splitlines()]
-            for name, root in (("straight", straight), ("resumed", resumed))}
-    assert [r["step"] for r in rows["resumed"]] == list(range(6))
-    assert all("d_loss" in r for r in rows["straight"])
-    assert [("g_loss" in r) for r in rows["straight"]] == [False] * 3 + [True] * 3
-    assert all(r["adv_weight"] > 0 for r in rows["straight"][3:])
-    for a, b in zip(rows["straight"], rows["resumed"]):
-        for k in ("loss", "d_loss", "g_loss"):
-            if k in a:
-                assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
-    wa = load_vae(straight / "vae-decoder" / "vae.safetensors").state_dict()
-    wb = load_vae(resumed / "vae-decoder" / "vae.safetensors").state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert [r["step"] for r in resumed_rows] == list(range(6))
+    assert all("d_loss" in r for r in rows)
+    assert [("g_loss" in r) for r in rows] == [False] * 3 + [True] * 3
+    assert all(r["adv_weight"] > 0 for r in rows[3:])
 
 
 def test_adversarial_ode_init_trains_its_discriminator_and_resumes(micro_run, tmp_path, monkeypatch):
@@ -203,27 +207,18 @@ def test_adversarial_ode_init_trains_its_discriminator_and_resumes(micro_run, tm
     src = micro_run[0]
     sets = ["ode_init.steps=8", "ode_init.adv_weight=0.1", "ode_init.adv_start=4", "ode_init.log_every=1",
             "ode_init.ckpt_every=4", f"ode_init.mismatch_words={json.dumps([list(SHAPE_WORDS)])}"]
-    cfg = apply_overrides(micro(), sets)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for root in (straight, resumed):
         _copy_prereqs(src, root)
         for stage in ("teacher", "teacher-refine", "ode-pairs"):
             shutil.copytree(src / stage, root / stage)
-    ode_init.run(cfg, straight)
-    state = _die_after_first_checkpoint(monkeypatch, ode_init.run, cfg, resumed, "ode-init")
+    state, rows, resumed_rows = _stopped_and_resumed(
+        monkeypatch, ode_init.run, apply_overrides(micro(), sets), straight, resumed, "ode-init",
+        ("loss", "d_loss", "regression"), lambda root: load_dit(root / "ode-init" / "student.safetensors"))
     assert state["step"] == 4 and {"disc", "disc_optimizer"} <= set(state)
-    ode_init.run(cfg, resumed)
-    rows = {name: [json.loads(l) for l in (root / "ode-init" / "metrics.jsonl").read_text().splitlines()]
-            for name, root in (("straight", straight), ("resumed", resumed))}
-    assert [r["step"] for r in rows["resumed"]] == list(range(8))
-    assert [("g_loss" in r) for r in rows["straight"]] == [False] * 4 + [True] * 4
-    assert all({"d_real", "d_fake", "d_mismatch", "regression"} <= set(r) for r in rows["straight"])
-    for a, b in zip(rows["straight"], rows["resumed"]):
-        for k in ("loss", "d_loss", "regression"):
-            assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
-    wa = load_dit(straight / "ode-init" / "student.safetensors").state_dict()
-    wb = load_dit(resumed / "ode-init" / "student.safetensors").state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert [r["step"] for r in resumed_rows] == list(range(8))
+    assert [("g_loss" in r) for r in rows] == [False] * 4 + [True] * 4
+    assert all({"d_real", "d_fake", "d_mismatch", "regression", "d_loss"} <= set(r) for r in rows)
 
 
 def test_matching_discriminator_learns_the_prompt_not_only_realism():

@@ -1,17 +1,53 @@
-"""The adversarial term of the decoder fine-tune: a small patch discriminator on single frames, hinge
-losses, and the adaptive weight of taming-transformers (VQGAN): the adversarial gradient at the decoder's
-last layer scaled to the reconstruction gradient's size, so one weight works at any loss scale.
+"""The adversarial terms of the decoder fine-tune and of ODE init. `Adversary` holds a discriminator and
+its optimiser for either stage. Decoder: a small patch discriminator on single frames, hinge losses, and
+the adaptive weight of taming-transformers (VQGAN): the adversarial gradient at the decoder's last layer
+scaled to the reconstruction gradient's size, so one weight works at any loss scale. ODE init: a
+matching-aware latent discriminator conditioned on the prompt (`LatentDiscriminator`).
 
 Why: an L1/MSE decoder asked to draw a shape its latent leaves slightly uncertain draws the average,
 a blurred dome that the evaluator reads as a circle, although a latent shape classifier still reads
 the triangle in those latents (session 9). A discriminator prices that blur directly."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Adversary:
+    """A discriminator and its optimiser inside a stage's loss: `train` takes one discriminator step, `frozen`
+    hands the discriminator to the generator's loss, which flows through it while its weights stay.
+    `state` joins the stage's checkpoint (keys STATE, which may be missing from a state saved without it)."""
+    STATE = ("disc", "disc_optimizer")
+
+    def __init__(self, disc: nn.Module, opt: torch.optim.Optimizer):
+        self.disc, self.opt = disc, opt
+
+    @classmethod
+    def build(cls, make: Callable[[], nn.Module], lr: float, seed: int, run) -> "Adversary":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # every process (and every resume) builds the same initial discriminator
+            disc = make()
+        opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
+        return cls(*run.acc.prepare(disc, opt))
+
+    def state(self) -> dict:
+        return {"disc": self.disc, "disc_optimizer": self.opt}
+
+    def train(self, loss_of: Callable[[nn.Module], tuple[Tensor, dict]]) -> dict:
+        """One step on loss_of(disc) -> (loss, metrics); returns the metrics with d_loss."""
+        self.disc.requires_grad_(True)
+        self.opt.zero_grad(set_to_none=True)
+        loss, metrics = loss_of(self.disc)
+        loss.backward()
+        self.opt.step()
+        return {**metrics, "d_loss": loss.item()}
+
+    def frozen(self) -> nn.Module:
+        self.disc.requires_grad_(False)
+        return self.disc
 
 
 class PatchDiscriminator(nn.Module):
@@ -81,3 +117,8 @@ def matching_d_loss(disc: nn.Module, real: Tensor, real_text: Tensor, fake: Tens
     r, f, m = disc(real, real_text), disc(fake.detach(), fake_text), disc(real, mismatched_text)
     loss = F.softplus(-r).mean() + 0.5 * (F.softplus(f).mean() + F.softplus(m).mean())
     return loss, {"d_real": r.mean().item(), "d_fake": f.mean().item(), "d_mismatch": m.mean().item()}
+
+
+def matching_g_loss(disc: nn.Module, fake: Tensor, text: Tensor) -> Tensor:
+    """The generator's non-saturating loss against the matching-aware discriminator."""
+    return F.softplus(-disc(fake, text)).mean()

@@ -26,15 +26,9 @@ def flow_matching_loss(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Tensor
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
-def ode_regression_loss(student, x_t: Tensor, t: Tensor, cond: Tensor, x0_target: Tensor, grid: FlowGrid,
-                        chunk_frames) -> Tensor:
-    """CausVid's ODE initialisation: one block-causal pass from the trajectory states x_t at per-frame
-    t [B, F] to x0; MSE to the trajectory's end on frames with t != 0."""
-    return ode_regression(grid.flow_to_x0(student(x_t, t, cond, chunk_frames=chunk_frames), x_t, t), t, x0_target)
-
-
-def ode_regression(x0: Tensor, t: Tensor, x0_target: Tensor) -> Tensor:
-    """The ODE-regression MSE of the student's x0 [B, C, F, h, w] on frames with t [B, F] != 0."""
+def ode_regression_loss(x0: Tensor, t: Tensor, x0_target: Tensor) -> Tensor:
+    """CausVid's ODE initialisation: the student's x0 [B, C, F, h, w] from one block-causal pass over the
+    trajectory states at per-frame t [B, F]; MSE to the trajectory's end on frames with t != 0."""
     err = ((x0.float() - x0_target.float()) ** 2).mean(dim=(1, 3, 4))  # [B, F]
     mask = (t != 0).float()
     return (err * mask).sum() / mask.sum().clamp_min(1.0)

@@ -6,61 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from causvid_core.checkpoints import load_dit, save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.text import load_text_encoder
 
-from ..adversarial import LatentDiscriminator, matching_d_loss
+from ..adversarial import Adversary, LatentDiscriminator, matching_d_loss, matching_g_loss
 from ..config import TrainConfig
 from ..data import load_ode_pairs
-from ..losses import contrast_prompts, ode_regression, ode_regression_loss
+from ..losses import contrast_prompts, ode_regression_loss
 from ..run import StageRun, train_steps
 from .common import encode, load_frozen, output, require, student_steps, teacher_stage
 from .teacher import latent_set
 
 
-class Adversary:
-    """The matching-aware latent discriminator: each step it trains once on real clips of the data set
-    (their prompts: true; a prompt with a swapped word: false) and the student's x0 (false); from
-    `adv_start` the student's loss adds adv_weight x softplus(-D(x0, prompt))."""
-    STATE = ("disc", "disc_optimizer")
-
-    def __init__(self, sc, text, data, disc: torch.nn.Module, opt: torch.optim.Optimizer):
-        self.sc, self.text, self.data, self.disc, self.opt = sc, text, data, disc, opt
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, root: Path, run: StageRun, text) -> "Adversary":
-        sc = cfg.ode_init
-        data = latent_set(cfg, root, run)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            disc = LatentDiscriminator(data.latents.shape[1], encode(text, [""]).shape[-1], sc.disc_width)
-        opt = torch.optim.AdamW(disc.parameters(), lr=sc.lr_disc, betas=(0.5, 0.9), weight_decay=0.0)
-        return cls(sc, text, data, *run.acc.prepare(disc, opt))
-
-    def state(self) -> dict:
-        return {"disc": self.disc, "disc_optimizer": self.opt}
-
-    def add(self, step: int, idx: list[int], loss: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor
-            ) -> tuple[torch.Tensor, dict]:
-        real, real_prompts = self.data.batch(idx)
-        swapped = contrast_prompts(real_prompts, self.sc.mismatch_words)  # K x [B]; [] without word groups
-        # without word groups: each clip under its neighbour's prompt (mostly another prompt)
-        mismatched = encode(self.text, swapped[step % len(swapped)] if swapped else real_prompts[1:] + real_prompts[:1])
-        self.disc.requires_grad_(True)
-        self.opt.zero_grad(set_to_none=True)
-        d_loss, metrics = matching_d_loss(self.disc, real, encode(self.text, real_prompts), x0, cond, mismatched)
-        d_loss.backward()
-        self.opt.step()
-        metrics.update(regression=loss.item(), d_loss=d_loss.item())
-        if step < self.sc.adv_start:
-            return loss, metrics
-        self.disc.requires_grad_(False)
-        g_loss = F.softplus(-self.disc(x0, cond)).mean()
-        metrics["g_loss"] = g_loss.item()
-        return loss + self.sc.adv_weight * g_loss, metrics
+def mismatched_prompts(step: int, prompts: list[str], words: list) -> list[str]:
+    """The prompts with one word of a group swapped for a rival (the group and rival cycling with the step);
+    without word groups, each clip under its neighbour's prompt (mostly another prompt)."""
+    swapped = contrast_prompts(prompts, words)  # K x [B]; [] without word groups
+    return swapped[step % len(swapped)] if swapped else prompts[1:] + prompts[:1]
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -90,13 +54,28 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         x_t = traj[b, k_frames, :, torch.arange(F)].permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]
         cond = encode(text, [prompts[i] for i in rows])
         t = ts[k_frames]
-        if adv is None:
-            return ode_regression_loss(m, x_t, t, cond, traj[:, K], grid, chunk), {}
         x0 = grid.flow_to_x0(m(x_t, t, cond, chunk_frames=chunk), x_t, t)
-        loss = ode_regression(x0, t, traj[:, K])
-        return adv.add(step, idx, loss, x0, cond)
+        loss = ode_regression_loss(x0, t, traj[:, K])
+        if adv is None:
+            return loss, {}
+        # the discriminator: real clips of the data set under their prompts (true) and under mismatched ones,
+        # and the student's x0 (false); from adv_start the student's loss adds its generator term
+        real, real_prompts = data.batch(idx)
+        wrong = mismatched_prompts(step, real_prompts, sc.mismatch_words)
+        real_text, wrong_text = encode(text, real_prompts), encode(text, wrong)
+        metrics = adv.train(lambda disc: matching_d_loss(disc, real, real_text, x0, cond, wrong_text))
+        metrics["regression"] = loss.item()
+        if step >= sc.adv_start:
+            g_loss = matching_g_loss(adv.frozen(), x0, cond)
+            metrics["g_loss"] = g_loss.item()
+            loss = loss + sc.adv_weight * g_loss
+        return loss, metrics
 
-    adv = Adversary.build(cfg, root, r, text) if sc.adv_weight > 0 else None
+    adv, data = None, None
+    if sc.adv_weight > 0:
+        data = latent_set(cfg, root, r)
+        adv = Adversary.build(lambda: LatentDiscriminator(data.latents.shape[1], encode(text, [""]).shape[-1],
+                                                          sc.disc_width), sc.lr_disc, cfg.seed, r)
     student = train_steps(r, sc, student, opt, loss_fn, extra_state=adv.state() if adv is not None else None,
                           optional_state=Adversary.STATE)
     if r.is_main:

@@ -30,7 +30,7 @@ from torch import nn
 from causvid_core.vae import WanVAE, load_vae, save_vae
 from causvid_core.vae_layers import AttentionBlock, ResidualBlock
 
-from ..adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from ..adversarial import Adversary, PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ..config import TrainConfig
 from ..data import clip_batch
 from ..run import StageRun, train_steps
@@ -90,42 +90,6 @@ def grow_decoder(vae: WanVAE, decoder_res_blocks: int) -> WanVAE:
     return grown
 
 
-class Adversary:
-    """The discriminator and its optimiser; each step it trains once on (real, decoded) frames and, from
-    `adv_start`, adds its adaptively weighted generator loss to the decoder's."""
-    STATE = ("disc", "disc_optimizer")  # may be missing from a state saved without the adversarial term
-
-    def __init__(self, sc, disc: nn.Module, opt: torch.optim.Optimizer):
-        self.sc, self.disc, self.opt = sc, disc, opt
-
-    @classmethod
-    def build(cls, sc, run: StageRun, seed: int) -> "Adversary":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # every process (and every resume) builds the same initial discriminator
-            disc = PatchDiscriminator(sc.disc_channels)
-        opt = torch.optim.AdamW(disc.parameters(), lr=sc.lr_disc, betas=(0.5, 0.9), weight_decay=0.0)
-        return cls(sc, *run.acc.prepare(disc, opt))
-
-    def state(self) -> dict:
-        return {"disc": self.disc, "disc_optimizer": self.opt}
-
-    def add(self, step: int, loss: torch.Tensor, metrics: dict, real: torch.Tensor, fake: torch.Tensor,
-            last: torch.Tensor) -> torch.Tensor:
-        self.disc.requires_grad_(True)
-        self.opt.zero_grad(set_to_none=True)
-        d_loss = discriminator_loss(self.disc, real, fake)
-        d_loss.backward()
-        self.opt.step()
-        metrics["d_loss"] = d_loss.item()
-        if step < self.sc.adv_start:
-            return loss
-        self.disc.requires_grad_(False)  # the decoder's loss flows through it, its weights stay
-        g_loss = generator_loss(self.disc, fake)
-        weight = self.sc.adv_weight * adaptive_weight(loss, g_loss, last)
-        metrics.update(g_loss=g_loss.item(), adv_weight=weight.item())
-        return loss + weight * g_loss
-
-
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     root = Path(root)
     sc = cfg.vae_decoder
@@ -147,7 +111,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     warmup = max(1, min(sc.warmup, sc.steps // 10))
 
     last = vae.decoder.head[-1].weight  # the adaptive adversarial weight is measured here
-    adv = Adversary.build(sc, r, cfg.seed) if sc.adv_weight > 0 else None
+    adv = Adversary.build(lambda: PatchDiscriminator(sc.disc_channels), sc.lr_disc, cfg.seed, r) \
+        if sc.adv_weight > 0 else None
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
         z, _ = data.batch(idx)  # [B, Z, F, h, w] normalised latents of whole clips
@@ -155,7 +120,12 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         recon = m.decode_chunk(z, m.decoder_cache())  # one pass = the chunked decode (causal)
         loss, metrics = reconstruction_loss(recon, x, sc.fg_weight, sc.edge_weight)
         if adv is not None:
-            loss = adv.add(step, loss, metrics, x, recon, last)
+            metrics.update(adv.train(lambda disc: (discriminator_loss(disc, x, recon), {})))
+            if step >= sc.adv_start:
+                g_loss = generator_loss(adv.frozen(), recon)
+                weight = sc.adv_weight * adaptive_weight(loss, g_loss, last)
+                metrics.update(g_loss=g_loss.item(), adv_weight=weight.item())
+                loss = loss + weight * g_loss
         return loss, metrics
 
     vae = train_steps(r, sc, vae, opt, loss_fn, lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup),
