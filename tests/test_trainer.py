@@ -291,6 +291,9 @@ def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16
     t0, t1 = load_dit(root / "teacher" / "teacher.safetensors"), load_dit(again / "teacher" / "teacher.safetensors")
     assert next(t1.parameters()).dtype == torch.float32
     assert all(torch.allclose(p, t1.state_dict()[n], rtol=1e-3, atol=1e-4) for n, p in t0.state_dict().items())
+    from trainer.pipeline import run_stage
+    run_stage("ode-pairs", cfg, again)  # the restored run goes on; nothing encoded its data set yet
+    assert (again / "ode-pairs" / "DONE.json").exists() and (again / "latents.safetensors").exists()
 
 
 def _copy_prereqs(src: Path, dst: Path) -> None:

@@ -17,6 +17,7 @@ from ..config import TrainConfig
 from ..data import prompt_batch, save_ode_shard
 from ..run import StageRun
 from .common import contrast_negatives, dit_config, encode, load_frozen, require, student_steps, teacher_stage
+from .teacher import latent_set
 
 
 def keep_indices(teacher_steps: int, shift: float, steps: list[float]) -> list[int]:
@@ -44,7 +45,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     text = load_frozen(require(root, "text"), load_text_encoder)
     dcfg = dit_config(cfg)
     F = (cfg.data.clip_frames - 1) // 4 + 1
-    hw = _latent_hw(root)
+    hw = tuple(latent_set(cfg, root, r).latents.shape[-2:])  # encodes the data set if no stage has yet (restored runs)
     batches = range(0, sc.num_pairs, sc.batch)
     from tqdm import tqdm
     for b in tqdm(list(batches)[r.rank::r.world], desc="ode-pairs", disable=not r.is_main, dynamic_ncols=True):
@@ -67,9 +68,3 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     r.finish(pairs=sc.num_pairs, teacher_steps=sc.teacher_steps, keep=keep, timesteps=list(steps) + [0.0],
              contrast=sc.active_contrast, eta=sc.eta)
 
-
-def _latent_hw(root: Path) -> tuple[int, int]:
-    from safetensors import safe_open
-    with safe_open(str(root / "latents.safetensors"), framework="pt") as f:
-        shape = f.get_slice("latents").get_shape()
-    return shape[-2], shape[-1]
