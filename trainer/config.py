@@ -130,9 +130,9 @@ class ODEPairsStage(ContrastGuidance):
 
 
 @dataclass
-class ODEInitStage(LoopConfig):
-    # adversarial term (trainer/adversarial.py LatentDiscriminator, as ADD adds one to distillation): the
-    # student's x0 against real latents of the data set, prompt-conditioned; 0: off
+class MatchingAdversarial:
+    """An adversarial term (trainer/stages/matching.py, as ADD adds one to distillation): the student's clean
+    latents against real latents of the data set, by a prompt-conditioned discriminator; adv_weight 0: off."""
     adv_weight: float = 0.0
     adv_start: int = 0  # the student feels the discriminator from this step (the discriminator trains from 0)
     lr_disc: float = 2e-4
@@ -141,7 +141,12 @@ class ODEInitStage(LoopConfig):
 
 
 @dataclass
-class DMDStage(LoopConfig, ContrastGuidance):  # contrast: of the real score
+class ODEInitStage(LoopConfig, MatchingAdversarial):
+    pass
+
+
+@dataclass
+class DMDStage(LoopConfig, ContrastGuidance, MatchingAdversarial):  # contrast: of the real score
     lr_critic: float = 1e-4
     gen_every: int = 5  # generator updated every 5th step, critic every step (CausVid)
     guidance: float = 3.0  # real score: cond + g * (cond - uncond)

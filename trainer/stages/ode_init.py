@@ -11,20 +11,13 @@ from causvid_core.checkpoints import load_dit, save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.text import load_text_encoder
 
-from ..adversarial import Adversary, LatentDiscriminator, matching_d_loss, matching_g_loss
+from ..adversarial import Adversary
 from ..config import TrainConfig
 from ..data import load_ode_pairs
-from ..losses import contrast_prompts, ode_regression_loss
+from ..losses import ode_regression_loss
 from ..run import StageRun, train_steps
 from .common import encode, load_frozen, output, require, student_steps, teacher_stage
-from .teacher import latent_set
-
-
-def mismatched_prompts(step: int, prompts: list[str], words: list) -> list[str]:
-    """The prompts with one word of a group swapped for a rival (the group and rival cycling with the step);
-    without word groups, each clip under its neighbour's prompt (mostly another prompt)."""
-    swapped = contrast_prompts(prompts, words)  # K x [B]; [] without word groups
-    return swapped[step % len(swapped)] if swapped else prompts[1:] + prompts[:1]
+from .matching import MatchingGame
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -56,27 +49,18 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         t = ts[k_frames]
         x0 = grid.flow_to_x0(m(x_t, t, cond, chunk_frames=chunk), x_t, t)
         loss = ode_regression_loss(x0, t, traj[:, K])
-        if adv is None:
+        if game is None:
             return loss, {}
-        # the discriminator: real clips of the data set under their prompts (true) and under mismatched ones,
-        # and the student's x0 (false); from adv_start the student's loss adds its generator term
-        real, real_prompts = data.batch(idx)
-        wrong = mismatched_prompts(step, real_prompts, sc.mismatch_words)
-        real_text, wrong_text = encode(text, real_prompts), encode(text, wrong)
-        metrics = adv.train(lambda disc: matching_d_loss(disc, real, real_text, x0, cond, wrong_text))
+        metrics = game.train(step, idx, x0, cond)
         metrics["regression"] = loss.item()
-        if step >= sc.adv_start:
-            g_loss = matching_g_loss(adv.frozen(), x0, cond)
+        if game.active(step):
+            g_loss = game.g_loss(x0, cond)
             metrics["g_loss"] = g_loss.item()
             loss = loss + sc.adv_weight * g_loss
         return loss, metrics
 
-    adv, data = None, None
-    if sc.adv_weight > 0:
-        data = latent_set(cfg, root, r)
-        adv = Adversary.build(lambda: LatentDiscriminator(data.latents.shape[1], encode(text, [""]).shape[-1],
-                                                          sc.disc_width), sc.lr_disc, cfg.seed, r)
-    student = train_steps(r, sc, student, opt, loss_fn, extra_state=adv.state() if adv is not None else None,
+    game = MatchingGame.build(sc, cfg, root, r, text)
+    student = train_steps(r, sc, student, opt, loss_fn, extra_state=game.state() if game is not None else None,
                           optional_state=Adversary.STATE)
     if r.is_main:
         save_dit(student, output(root, "ode-init"))
