@@ -242,3 +242,17 @@ def test_diagnose_cli_prints_every_sigma_and_refuses_bad_ones(fake_root, capsys)
         assert 0.0 <= v["all_four"] <= 1.0 and sum(sum(c.values()) for c in v["shapes"].values()) == 2
     assert main(["diagnose", "--preset", "micro", "--out", str(fake_root), "--sigmas", "1.5"]) == 2
     assert "sigmas must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_every_row_measures_its_weights_as_published(tmp_path):
+    """as_published rounds the DiT's and the VAE's weights through float16 in place, as `publish` stores them,
+    so the doc describes the model users get; the float32 run file differs from it."""
+    from causvid_core.pipeline import load_components
+    from trainer.results import as_published
+    fake_run(tmp_path)
+    files = (output(tmp_path, "dmd"), tmp_path / "vae.safetensors", tmp_path / "text.safetensors")
+    run_file, shipped = load_components(*files), as_published(load_components(*files))
+    for name in ("model", "vae"):
+        a, b = getattr(run_file, name).state_dict(), getattr(shipped, name).state_dict()
+        assert all(torch.equal(b[k], a[k].half().float()) for k in a if a[k].is_floating_point()), name
+        assert any(not torch.equal(a[k], b[k]) for k in a), name

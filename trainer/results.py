@@ -42,6 +42,7 @@ from causvid_core.schedule import SWITCH_MODES
 from .ablation import variant_root
 from .config import TrainConfig
 from .pipeline import stage_seconds
+from .publish import STORED_DTYPE
 from .results_doc import DEFAULT_DOC, weak_points, write_outputs
 from .stages.common import contrast_negatives, output, student_steps, teacher_stage
 
@@ -538,6 +539,17 @@ def run_v2v(components, counts: Counts) -> dict:
     return dict(cases=cases, by_strength=by_strength)
 
 
+@torch.no_grad()
+def as_published(components):
+    """Round the DiT's and the VAE's weights through the built-in files' dtype (publish.STORED_DTYPE), in place:
+    every row measures its model as `causvid-train publish` would ship it, not the run's float32 file."""
+    for module in (components.model, components.vae):
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(STORED_DTYPE).to(t.dtype))
+    return components
+
+
 def measure_speed(components, counts: Counts) -> dict:
     """`causvid generate` of one clip end to end, best of `speed_repeats` after a warm-up."""
     student_clip(components, SPEED_PROMPT, 0, counts.frames)  # warm-up: allocator, first-call paths
@@ -659,7 +671,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
         if not row.path.exists():
             rows[row.key] = dict(status="not trained", label=row.label, kind=row.kind, path=str(row.path))
             continue
-        components = load_components(row.path, vae, text)
+        components = as_published(load_components(row.path, vae, text))
         components.stream_defaults = dict(defaults)  # ablation files may lack them: all students alike
         rows[row.key] = timed(row.key, evaluate_row, row, components, ms, counts, defaults)
         if row.key == "student":

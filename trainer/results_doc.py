@@ -188,7 +188,8 @@ def section_header(res: dict, doc: Path, root: Path) -> str:
            + (f" --doc {doc}" if doc.resolve() != DEFAULT_DOC else "") + (" --quick" if res["quick"] else ""))
     return (f"# Results: Shapes World {world.WORLD_VERSION}, preset `{res['preset']}`\n\n"
             "Every number below comes from one run of the committed code and its fixed seeds; this file, "
-            "`results/*.png` and `results/results.json` are written by the command, never by hand.\n\n"
+            "`results/*.png` and `results/results.json` are written by the command, never by hand. Every model is "
+            "measured with its weights rounded to float16, as `causvid-train publish` ships them.\n\n"
             f"- Regenerate: `{cmd}`\n"
             f"- Commit: `{res['commit']}`; run folder `{res['run']}`\n"
             f"- Machine: {m['cores']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
