@@ -221,28 +221,6 @@ def test_adversarial_ode_init_trains_its_discriminator_and_resumes(micro_run, tm
     assert all({"d_real", "d_fake", "d_mismatch", "regression", "d_loss"} <= set(r) for r in rows)
 
 
-def test_adversarial_dmd_trains_its_discriminator_with_the_critic_and_resumes(micro_run, tmp_path, monkeypatch):
-    """dmd with the matching-aware discriminator: it steps with the critic on every step, the generator's loss
-    adds its term on generator steps from adv_start, and a stopped run resumes to the straight run's losses and
-    weights (the discriminator's state is in the checkpoint)."""
-    from trainer.stages import dmd
-    from trainer.config import SHAPE_WORDS
-    src = micro_run[0]
-    sets = ["dmd.steps=6", "dmd.gen_every=2", "dmd.adv_weight=0.1", "dmd.adv_start=2", "dmd.log_every=1",
-            "dmd.ckpt_every=3", f"dmd.mismatch_words={json.dumps([list(SHAPE_WORDS)])}"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for root in (straight, resumed):
-        _copy_prereqs(src, root)
-        for stage in ("teacher", "teacher-refine", "ode-init"):
-            shutil.copytree(src / stage, root / stage)
-    state, rows, _ = _stopped_and_resumed(
-        monkeypatch, dmd.run, apply_overrides(micro(), sets), straight, resumed, "dmd",
-        ("loss_critic", "loss_dmd", "g_loss", "d_loss"), lambda root: load_dit(root / "dmd" / "student.safetensors"))
-    assert state["step"] == 3 and {"disc", "disc_optimizer"} <= set(state)
-    assert all({"d_real", "d_fake", "d_mismatch", "d_loss"} <= set(r) for r in rows)
-    assert [("g_loss" in r) for r in rows] == [False, False, True, False, True, False]
-
-
 def test_matching_discriminator_learns_the_prompt_not_only_realism():
     """matching_d_loss: trained on 'real' latents whose class is in the prompt, the latent discriminator
     ends up scoring a real clip under its own prompt above the same clip under a swapped prompt."""

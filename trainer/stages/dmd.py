@@ -8,9 +8,7 @@ fake score = a trainable copy of the teacher (the critic), updated every step; t
 Generator input: "data" (CausVid): data latents noised per chunk to a random step of the student's
 list, one block-causal pass to x0; "rollout" (Self-Forcing): the student's own KV-cached rollout from
 noise, with gradient through one random step per chunk and none through the cached past.
-Gradients are averaged across processes by hand (the generator runs several forwards per step).
-With adv_weight > 0, the generator's loss also has the matching-aware discriminator's term (DMD2 and ADD
-add a GAN term to distribution matching); the discriminator steps with the critic (trainer/stages/matching.py)."""
+Gradients are averaged across processes by hand (the generator runs several forwards per step)."""
 from __future__ import annotations
 
 import copy
@@ -24,13 +22,11 @@ from causvid_core.flow import FlowGrid
 from causvid_core.sampler import noise_seed
 from causvid_core.text import load_text_encoder
 
-from ..adversarial import Adversary
 from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun
 from ..schedules import update_ema
 from .common import contrast_negatives, encode, grid_index, load_frozen, output, require, student_steps, teacher_stage
-from .matching import MatchingGame
 from .teacher import latent_set
 
 
@@ -90,10 +86,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     data = latent_set(cfg, root, r)
-    game = MatchingGame.build(sc, cfg, root, r, text)  # None unless adv_weight > 0
-    objects = {"generator": gen, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_c": opt_c,
-               **(game.state() if game is not None else {})}
-    start = r.resume(objects, optional=Adversary.STATE)
+    objects = {"generator": gen, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_c": opt_c}
+    start = r.resume(objects)
     from tqdm import tqdm
     for step in tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc="dmd", disable=not r.is_main,
                      dynamic_ncols=True):
@@ -126,17 +120,13 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                                     contrast=sc.active_contrast)
                 x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
             loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
-            metrics["loss_dmd"] = loss_g.item()
-            if game is not None and game.active(step):
-                g_loss = game.g_loss(x_gen, cond)
-                metrics["g_loss"] = g_loss.item()
-                loss_g = loss_g + sc.adv_weight * g_loss
             loss_g.backward()
             sync_grads(r.acc, gen)
             metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), sc.grad_clip))
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
+            metrics["loss_dmd"] = loss_g.item()
         with torch.no_grad():
             x_gen = make_x_gen()
         t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max)
@@ -147,8 +137,6 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         opt_c.step()
         opt_c.zero_grad(set_to_none=True)
         metrics["loss_critic"] = loss_c.item()
-        if game is not None:  # the discriminator steps with the critic, on the same generated batch
-            metrics.update(game.train(step, idx, x_gen, cond))
         if step % sc.log_every == 0 or step == sc.steps - 1:
             r.log(step, **metrics)
         if (step + 1) % sc.ckpt_every == 0 and step + 1 < sc.steps:
