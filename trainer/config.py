@@ -271,9 +271,11 @@ def shapes() -> TrainConfig:
                               mismatch_words=[list(SHAPE_WORDS)], log_every=20, ckpt_every=100),
         # Self-Forcing's generator input (the student's own cached rollout): against CausVid's noised data it
         # kept in-distribution all-four (45.8% vs 47.9%, n=48) and lifted held-out pairs 33.3% -> 45.8% (n=24)
-        # Steps: with gen_every 5, 600 steps are 120 generator updates. Session 10 (a run restored from the
-        # built-in files, new ODE pairs, one seed): 1200 steps gave 81.2% / 29.2% all-four (in distribution /
-        # held-out) against 70.8% / 25.0% at 600, for ~5 more minutes; untested on the published run's ODE init
+        # How far DMD moves the student: with gen_every 5, 600 steps are 120 generator updates. Session 10 (a run
+        # restored from the built-in files, new ODE pairs, one ODE init; all-four in distribution / held-out):
+        # 600 steps 70.8% / 25.0%, 1200 steps 81.2% / 29.2%, lr 4e-5 85.4% / 29.2%, lr 8e-5 89.6% / 16.7%
+        # (circles 31/31, squares 16/21, triangles 9/20). In distribution rises, held-out pairs fall at 8e-5.
+        # Not yet a full run with publish: the preset keeps the published model's settings
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
                      ema_start=100, generator_input="rollout", contrast=1.5, contrast_words=[list(SHAPE_WORDS)],
                      log_every=10, ckpt_every=100),
