@@ -187,6 +187,8 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
 
     acc = run.acc
     model, optimizer = acc.prepare(model, optimizer)
+    if getattr(cfg, "compile", False):
+        model.compile()  # in place: the state dict (checkpoints, EMA, the saved model) keeps its keys
     objects = {"model": model, "optimizer": optimizer, **(extra_state or {})}
     start = run.resume({k: _unwrap(acc, v) for k, v in objects.items()}, optional=optional_state)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run.name,

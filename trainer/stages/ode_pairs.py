@@ -42,6 +42,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     shift, steps = student_steps(cfg)
     keep = keep_indices(sc.teacher_steps, shift, steps)
     teacher = load_frozen(require(root, teacher_stage(cfg)), load_dit)
+    if sc.compile:
+        teacher.compile()
     text = load_frozen(require(root, "text"), load_text_encoder)
     dcfg = dit_config(cfg)
     F = (cfg.data.clip_frames - 1) // 4 + 1
