@@ -26,7 +26,8 @@ class LoopConfig:
     log_every: int = 10
     ckpt_every: int = 50
     # torch.compile the trained model (nn.Module.compile: same weights, same state keys, ~1e-6 apart from eager).
-    # Shapes teacher on 2 CPU cores: 0.307 -> 0.246 s per step after a ~48 s compile (session 11)
+    # Shapes teacher on 2 CPU cores (session 11): a bare forward + backward 0.307 -> 0.246 s, but the whole stage
+    # step (text encoder, per-sample noise, EMA) only 0.348 -> 0.330 s over 480 steps: left off in the preset
     compile: bool = False
 
 
@@ -130,7 +131,8 @@ class ODEPairsStage(ContrastGuidance):
     # squares), but its pairs are no deterministic map: ODE init 27.1% all-four (vs 47.9%), after DMD 47.9%
     # / 25.0% held-out (vs 62.5% / 45.8%). Kept at 0.
     eta: float = 0.0
-    # torch.compile the teacher (shapes, 2 CPU cores: a batch-128 forward 0.963 -> 0.729 s after the compile)
+    # torch.compile the teacher (shapes, 2 CPU cores, session 11: 50-52 -> 32-36 s per batch of 32 pairs, after a
+    # first batch that compiles; ~13 of the stage's ~41 minutes)
     compile: bool = False
 
 
@@ -228,10 +230,10 @@ def micro() -> TrainConfig:
 
 
 def shapes() -> TrainConfig:
-    """The built-in model, on 2 CPU cores alone: about 3.2 h end to end without compile (VAE 33 min, decoder 32,
-    teacher ~81, ODE pairs 30-35, the rest ~15; over the 2.5 h aim), plus ~10 min for the ablation. The compiled
-    teacher and ODE pairs (session 11: -20% and -24% per step, measured on single steps, not yet a full run)
-    should take ~25 min off: still ~2.8 h."""
+    """The built-in model, on 2 CPU cores alone: about 3.2 h end to end (VAE 33 min, decoder 32, teacher 81-104
+    (0.27-0.35 s per step as the machine varies), ODE pairs 30-41, the rest ~15; over the 2.5 h aim), plus ~10 min
+    for the ablation. Compiled ODE pairs (session 11: a third less per batch) take ~13 min off; not yet timed in
+    a full run."""
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048),
@@ -249,7 +251,7 @@ def shapes() -> TrainConfig:
         dit=DiTArch(preset="shapes"),
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four
         teacher=TeacherStage(steps=18000, batch=16, lr=3e-4, ema=0.999, decay_from=8000, log_every=20,
-                             ckpt_every=200, compile=True),
+                             ckpt_every=200),
         # Off (steps 0; turn on with --set teacher_refine.steps=4000). The teacher's 2048 clips, seen ~140 times
         # each, fit it 13-17% better than fresh ones (sigma 0.3-0.85). 4000 steps on 10240 clips (11 min to
         # encode, 19 to train) cut the fresh-clip loss 5-6% and lifted the teacher from 21 to 24/48 all-four
