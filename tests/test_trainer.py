@@ -342,6 +342,8 @@ def test_compiled_stages_train_and_sample_as_eager_ones(micro_run, tmp_path):
     assert eager_w.keys() == comp_w.keys()
     assert all(torch.allclose(eager_w[k], comp_w[k], atol=1e-5) for k in eager_w)
     assert all(torch.allclose(eager_pairs[k].float(), comp_pairs[k].float(), atol=1e-3) for k in eager_pairs)
+    with pytest.raises(ValueError, match="vae.compile"):  # the VAE's loss calls encode / decode, not forward
+        run_stage("vae", apply_overrides(micro(), ["vae.compile=true"]), tmp_path / "vae")
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(micro_run, tmp_path):

@@ -25,7 +25,8 @@ class LoopConfig:
     grad_clip: float = 10.0
     log_every: int = 10
     ckpt_every: int = 50
-    # torch.compile the trained model (nn.Module.compile: same weights, same state keys, ~1e-6 apart from eager).
+    # torch.compile the trained model's forward (nn.Module.compile: same weights and state keys, ~1e-6 from eager);
+    # the stages whose loss calls forward: teacher, teacher-refine, causal-teacher, ode-init, text (not the VAE's).
     # Shapes teacher on 2 CPU cores (session 11): a bare forward + backward 0.307 -> 0.246 s, but the whole stage
     # step (text encoder, per-sample noise, EMA) only 0.348 -> 0.330 s over 480 steps: left off in the preset
     compile: bool = False

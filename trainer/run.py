@@ -179,15 +179,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 loss_fn, extra_state: Optional[dict[str, Any]] = None, progress: bool = True,
-                after_step=None, lr_fn=None, optional_state: tuple[str, ...] = ()) -> torch.nn.Module:
+                after_step=None, lr_fn=None, optional_state: tuple[str, ...] = (),
+                compilable: bool = True) -> torch.nn.Module:
     """The shared loop: resume, for each step: micro-batches (no DDP sync until the last), clip, step,
     log, checkpoint; finally a last checkpoint. loss_fn(step, indices) -> (loss, metrics dict);
-    lr_fn(step) -> the learning rate of that step (None: the optimizer's own, constant)."""
+    lr_fn(step) -> the learning rate of that step (None: the optimizer's own, constant). compilable: whether
+    loss_fn goes through the model's forward, which cfg.compile compiles (the VAE stages call encode / decode)."""
     from tqdm import tqdm
 
     acc = run.acc
     model, optimizer = acc.prepare(model, optimizer)
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
+        if not compilable:
+            raise ValueError(f"{run.name.replace('-', '_')}.compile: this stage's loss calls no forward() that nn.Module.compile "
+                             "reaches (it encodes and decodes); leave compile off")
         model.compile()  # in place: the state dict (checkpoints, EMA, the saved model) keeps its keys
     objects = {"model": model, "optimizer": optimizer, **(extra_state or {})}
     start = run.resume({k: _unwrap(acc, v) for k, v in objects.items()}, optional=optional_state)

@@ -142,7 +142,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         return rec + sc.kl_weight * kl, {**metrics, "kl": kl.item()}
 
     # linear warm-up, then constant (no decay before the last step)
-    vae = train_steps(r, sc, vae, opt, loss_fn,
+    vae = train_steps(r, sc, vae, opt, loss_fn, compilable=False,
                       lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup, decay_from=sc.steps)).eval()
     mean, std = latent_stats(vae, data_seed + 1, sc.stats_clips, sc.clip_frames)
     final = WanVAE(vae.config.replace(latent_mean=tuple(mean), latent_std=tuple(std)))

@@ -129,7 +129,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         return loss, metrics
 
     vae = train_steps(r, sc, vae, opt, loss_fn, lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup),
-                      extra_state=adv.state() if adv is not None else None,
+                      compilable=False, extra_state=adv.state() if adv is not None else None,
                       optional_state=Adversary.STATE).eval()
     if r.is_main:
         save_vae(vae, output(root, "vae-decoder"))
