@@ -191,8 +191,8 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.compile:
         if not compilable:
-            raise ValueError(f"{run.name.replace('-', '_')}.compile: this stage's loss calls no forward() that nn.Module.compile "
-                             "reaches (it encodes and decodes); leave compile off")
+            raise ValueError(f"{run.name.replace('-', '_')}.compile: this stage's loss calls no forward() that "
+                             "nn.Module.compile reaches (it encodes and decodes); leave compile off")
         model.compile()  # in place: the state dict (checkpoints, EMA, the saved model) keeps its keys
     objects = {"model": model, "optimizer": optimizer, **(extra_state or {})}
     start = run.resume({k: _unwrap(acc, v) for k, v in objects.items()}, optional=optional_state)
