@@ -231,10 +231,11 @@ def micro() -> TrainConfig:
 
 
 def shapes() -> TrainConfig:
-    """The built-in model, on 2 CPU cores alone: about 3.2 h end to end (VAE 33 min, decoder 32, teacher 81-104
-    (0.27-0.35 s per step as the machine varies), ODE pairs 30-41, the rest ~15; over the 2.5 h aim), plus ~10 min
-    for the ablation. Compiled ODE pairs (session 11: a third less per batch) take ~13 min off; not yet timed in
-    a full run."""
+    """The built-in model, on 2 CPU cores alone: 4.5-5.5 h end to end, far over the 2.5 h aim, plus ~10 min for the
+    ablation. Per stage: VAE ~112 min (session 11, a fresh run alone: 536 s for its first 200 of 2500 steps; the
+    33 min of earlier notes predate the 32-frame burn-in), decoder 32-83 (83 in the published run's DONE.json),
+    teacher 81-104 (0.27-0.35 s per step as the machine varies), ODE pairs ~28 compiled (41 eager), the rest ~15.
+    The VAE's burn-in and the decoder's steps are the next time levers (not yet measured for quality)."""
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048),
