@@ -549,3 +549,46 @@ def test_vae_burn_in_reconstructs_the_same_frames_as_the_whole_clip():
     tail, mu, _ = reconstruct(vae, x, history=4)
     assert tail.shape[2] == 8 and mu.shape[2] == 2 and tail.requires_grad
     assert (tail.detach() - whole[:, :, 5:]).abs().max() < 1e-5
+
+
+def test_crop_batch_centres_the_object_of_a_rolled_clip():
+    """The window holds the object's centre (at the asked frame) at its middle plus the jitter, and a rolled
+    clip is the render of the same clip started elsewhere on the torus."""
+    import numpy as np
+
+    from causvid_core import world
+    from trainer.data import clip, crop_batch
+    frames, size, centre = 9, 32, 4
+    jitter = torch.tensor([[0.0, 0.0], [5.0, -3.0], [-6.0, 6.0]])
+    x = crop_batch(11, [0, 1, 2], frames, size, centre, jitter)
+    assert x.shape == (3, 3, frames, size, size) and x.min() >= -1 and x.max() <= 1
+    for b, i in enumerate([0, 1, 2]):
+        spec, video = clip(11, i, frames)
+        frame = x[b, :, centre]  # [3, size, size]
+        bg = frame.flatten(1).median(dim=1).values[:, None, None]
+        fg = ((frame - bg).abs().amax(0) > 0.05).float()
+        ys, xs = torch.nonzero(fg, as_tuple=True)
+        cx, cy = xs.float().mean().item(), ys.float().mean().item()  # pixel centres: size / 2 - 0.5 is the middle
+        # (an equilateral triangle's centroid is its circumcentre: every shape's centroid is its centre)
+        assert abs(cx - (size / 2 - 0.5 + jitter[b, 0].item())) < 1.0
+        assert abs(cy - (size / 2 - 0.5 + jitter[b, 1].item())) < 1.0
+        x0, y0 = world.positions(spec, np.array([centre]))[0]
+        sx, sy = round(32 - x0 + jitter[b, 0].item()), round(32 - y0 + jitter[b, 1].item())
+        moved = world.render(world.ClipSpec(spec.colour, spec.shape, spec.motion, spec.background, spec.radius,
+                                            spec.speed, (spec.x0 + sx) % 64, (spec.y0 + sy) % 64), frames)
+        assert np.abs(np.roll(video, (sy, sx), axis=(1, 2)).astype(int) - moved.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="multiple of 8"):
+        crop_batch(11, [0], frames, 20, centre, jitter[:1])
+
+
+def test_vae_stage_trains_on_object_crops(tmp_path):
+    """crop > 0: the stage trains on windows (with burn-in) and the VAE still encodes whole frames."""
+    from causvid_core.vae import load_vae
+    cfg = apply_overrides(micro(), ["vae.crop=16", "vae.steps=6", "vae.ckpt_every=3"])
+    run_stage("vae", cfg, tmp_path)
+    metrics = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    vae = load_vae(output(tmp_path, "vae"))
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 5, 32, 32))
+    assert z.shape[-2:] == (4, 4)

@@ -29,6 +29,27 @@ def clip_batch(seed: int, indices: list[int], frames: int, split: str = "train")
     return x.permute(0, 4, 1, 2, 3).contiguous(), [s.prompt for s in specs]
 
 
+def crop_batch(seed: int, indices: list[int], frames: int, size: int, centre_frame: int, jitter: Tensor
+               ) -> Tensor:
+    """[B, 3, T, size, size] in [-1, 1]: object-centred windows of clips `indices`. Each clip is rolled so its
+    object's centre at `centre_frame` lands at the window's centre plus jitter[b] ([B, 2] pixels, x and y), then
+    the central size x size window is cut. The roll is exact: the world is a torus, so a rolled clip is
+    another clip of the world (another start position). Most of a full frame is background the VAE learns in
+    a few steps; a window spends the same pixels on the object."""
+    h = world.FRAME_SIZE
+    if not 0 < size <= h or size % 8:
+        raise ValueError(f"crop size must be a multiple of 8 in (0, {h}], got {size}")
+    lo = (h - size) // 2
+    out = []
+    for i, j in zip(indices, jitter.tolist()):
+        spec, video = clip(seed, i, frames)
+        x, y = world.positions(spec, np.array([centre_frame]))[0]
+        shift = (round(h / 2 - y + j[1]), round(h / 2 - x + j[0]))  # rows, columns
+        out.append(np.roll(video, shift, axis=(1, 2))[:, lo:lo + size, lo:lo + size])
+    x = torch.from_numpy(np.stack(out)).float().div(127.5).sub(1.0)  # [B, T, size, size, 3]
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
 def prompt_batch(seed: int, indices: list[int], split: str = "train") -> list[str]:
     return [world.sample_spec(np.random.default_rng([seed, i]), split).prompt for i in indices]
 

@@ -22,7 +22,7 @@ from causvid_core.vae import WanVAE, save_vae, vae_preset
 from causvid_core.vae_layers import AttentionBlock, ResidualBlock
 
 from ..config import TrainConfig
-from ..data import clip_batch
+from ..data import clip_batch, crop_batch
 from ..run import StageRun, train_steps
 from ..schedules import lr_at
 from .common import output
@@ -129,7 +129,12 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         tf = m.config.time_factor
         # history shared by the step's samples: 0 (the whole clip, first frame included) .. burn_in_frames
         history = tf * int(r.rand(step, idx[:1], purpose=5)[0] * (sc.burn_in_frames // tf + 1))
-        x, _ = clip_batch(data_seed, idx, sc.clip_frames + history)
+        if sc.crop:  # object-centred windows, the object centred mid-way through the reconstructed frames
+            jitter = (r.rand(step, idx, (2,), purpose=6) * 2 - 1) * sc.crop_jitter  # [B, 2] pixels
+            centre = (1 + history if history else 0) + sc.clip_frames // 2
+            x = crop_batch(data_seed, idx, sc.clip_frames + history, sc.crop, centre, jitter)
+        else:
+            x, _ = clip_batch(data_seed, idx, sc.clip_frames + history)
         eps = None
         if sc.sample_latent:
             Z, sf = m.config.z_dim, m.config.space_factor
