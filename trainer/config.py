@@ -242,7 +242,11 @@ def shapes() -> TrainConfig:
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048),
         # burn-in: the VAE's causal convs see further back than a 9-frame clip; without a random history
-        # before the loss it reconstructs only the first 9 frames of a long video (trainer/stages/vae.py)
+        # before the loss it reconstructs only the first 9 frames of a long video (trainer/stages/vae.py).
+        # crop (off here): session 12, 600 steps from scratch without burn-in, the same time per step, round trip
+        # of 96 triangles / 48 squares / 48 circles: whole frames at batch 8 3 / 10 / 47 (all-four 28 of 192),
+        # 32x32 object windows at batch 32 43 / 38 / 42 (97 of 192); the published VAE 70 / 45 / 48 (163).
+        # Not yet a full run (started: --set vae.crop=32 --set vae.batch=16, ~1.6 s per step with burn-in)
         vae=VAEStage(preset="shapes", steps=2500, batch=8, lr=2e-3, clip_frames=9, burn_in_frames=32,
                      log_every=20, ckpt_every=200,
                      stats_clips=128),
