@@ -6,6 +6,8 @@ then sits for hundreds of steps on a plateau where the object is drawn as backgr
 encoder's mean (deterministic) unless `sample_latent`; a tiny KL keeps (mu, log_var) bounded.
 The weights start from a unit-gain init with every residual block's last conv zeroed (each block starts
 as its shortcut): with PyTorch's default init the same recipe stays near 12 dB for 400 steps.
+`crop` > 0 trains on object-centred windows of torus-rolled clips (data.crop_batch) instead of whole frames:
+the convolutional VAE still encodes whole frames, and the steps spend their pixels on the object.
 Afterwards the per-channel latent mean/std are measured on fresh clips and stored in the config, so the
 DiT sees normalised latents, as Wan's do."""
 from __future__ import annotations
