@@ -592,3 +592,15 @@ def test_vae_stage_trains_on_object_crops(tmp_path):
     with torch.no_grad():
         z = vae.encode(torch.zeros(1, 3, 5, 32, 32))
     assert z.shape[-2:] == (4, 4)
+
+
+def test_resuming_a_run_with_other_settings_says_which(tmp_path):
+    from trainer.pipeline import record_config
+    logs: list[str] = []
+    record_config(micro(), tmp_path, logs.append)
+    record_config(micro(), tmp_path, logs.append)
+    assert logs == []  # same settings: nothing to say
+    record_config(apply_overrides(micro(), ["vae.crop=16", "dmd.steps=7"]), tmp_path, logs.append)
+    assert len(logs) == 1 and "2 changed" in logs[0]
+    assert "vae.crop: 0 -> 16" in logs[0] and f"dmd.steps: {micro().dmd.steps} -> 7" in logs[0]
+    assert json.loads((tmp_path / "config.json").read_text())["vae"]["crop"] == 16

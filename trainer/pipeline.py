@@ -46,10 +46,34 @@ def stage_seconds(cfg: TrainConfig, root: str | Path) -> dict[str, Optional[floa
     return out
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`section.field: old -> new` for every setting that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def record_config(cfg: TrainConfig, root: Path, log=print) -> None:
+    """Write the run's config.json; when resuming a run begun with other settings, say which changed (a stage
+    under way goes on from its checkpoint with the new values; finished stages keep what they were run with)."""
+    path = root / "config.json"
+    if path.exists():
+        changes = config_changes(json.loads(path.read_text()), json.loads(cfg.to_json()))  # tuples as lists
+        if changes:
+            log(f"[pipeline] {root} was begun with other settings; resuming with {len(changes)} changed "
+                f"(pass the first run's --preset and --set to keep them): " + "; ".join(changes))
+    path.write_text(cfg.to_json())
+
+
 def run_pipeline(cfg: TrainConfig, root: str | Path, stages=None, accelerator=None, log=print) -> dict[str, float]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(cfg.to_json())
+    record_config(cfg, root, log)
     unknown = [name for name in stages or () if name not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
