@@ -13,6 +13,7 @@ from torch import Tensor
 
 from causvid_core import world
 from causvid_core.checkpoints import atomic_save_safetensors
+from causvid_core.video_io import from_uint8
 
 
 def clip(seed: int, index: int, frames: int, split: str = "train") -> tuple[world.ClipSpec, np.ndarray]:
@@ -25,8 +26,7 @@ def clip(seed: int, index: int, frames: int, split: str = "train") -> tuple[worl
 def clip_batch(seed: int, indices: list[int], frames: int, split: str = "train") -> tuple[Tensor, list[str]]:
     """[B, 3, T, 64, 64] in [-1, 1] and the prompts."""
     specs, videos = zip(*(clip(seed, i, frames, split) for i in indices))
-    x = torch.from_numpy(np.stack(videos)).float().div(127.5).sub(1.0)  # [B, T, H, W, 3]
-    return x.permute(0, 4, 1, 2, 3).contiguous(), [s.prompt for s in specs]
+    return torch.cat([from_uint8(v) for v in videos]), [s.prompt for s in specs]
 
 
 def crop_batch(seed: int, indices: list[int], frames: int, size: int, centre_frame: int, jitter: Tensor
@@ -46,8 +46,7 @@ def crop_batch(seed: int, indices: list[int], frames: int, size: int, centre_fra
         x, y = world.positions(spec, np.array([centre_frame]))[0]
         shift = (round(h / 2 - y + j[1]), round(h / 2 - x + j[0]))  # rows, columns
         out.append(np.roll(video, shift, axis=(1, 2))[:, lo:lo + size, lo:lo + size])
-    x = torch.from_numpy(np.stack(out)).float().div(127.5).sub(1.0)  # [B, T, size, size, 3]
-    return x.permute(0, 4, 1, 2, 3).contiguous()
+    return torch.cat([from_uint8(v) for v in out])
 
 
 def prompt_batch(seed: int, indices: list[int], split: str = "train") -> list[str]:

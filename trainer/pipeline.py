@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import TrainConfig
+from .run import atomic_write_text
 from .stages import causal_teacher, dmd, export, ode_init, ode_pairs, teacher, text, vae, vae_decoder
 
 STAGES = {
@@ -61,13 +62,13 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def record_config(cfg: TrainConfig, root: Path, log=print) -> None:
     """Write the run's config.json; when resuming a run begun with other settings, say which changed (a stage
     under way goes on from its checkpoint with the new values; finished stages keep what they were run with)."""
-    path = root / "config.json"
+    path, text = root / "config.json", cfg.to_json()
     if path.exists():
-        changes = config_changes(json.loads(path.read_text()), json.loads(cfg.to_json()))  # tuples as lists
+        changes = config_changes(json.loads(path.read_text()), json.loads(text))  # as stored: tuples as lists
         if changes:
             log(f"[pipeline] {root} was begun with other settings; resuming with {len(changes)} changed "
                 f"(pass the first run's --preset and --set to keep them): " + "; ".join(changes))
-    path.write_text(cfg.to_json())
+    atomic_write_text(path, text)
 
 
 def run_pipeline(cfg: TrainConfig, root: str | Path, stages=None, accelerator=None, log=print) -> dict[str, float]:
