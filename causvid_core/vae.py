@@ -27,7 +27,7 @@ from torch import Tensor
 from .checkpoints import (FORMAT_TAG, META_CONFIG, META_FORMAT, META_KIND, CheckpointError,
                           atomic_save_safetensors, check_keys, read_checkpoint)
 from .vae_config import VAE_PRESETS, WAN_LATENT_MEAN, WAN_LATENT_STD, VAEConfig, vae_preset
-from .vae_layers import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, conv3d
+from .vae_layers import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, conv3d, use_circular_padding
 
 __all__ = ["VAEConfig", "VAE_PRESETS", "vae_preset", "WanVAE", "FeatureCache", "StreamingEncoder",
            "StreamingDecoder", "load_vae", "save_vae", "infer_vae_config", "random_vae"]
@@ -47,6 +47,7 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(Z, Z, 1)
         self.decoder = Decoder3d(cfg.dim, Z, cfg.dim_mult, cfg.decoder_blocks, cfg.attn_scales,
                                  cfg.temperal_downsample[::-1], cfg.dropout)
+        use_circular_padding(self, cfg.padding == "circular")
 
     # -- caches and checks -----------------------------------------------------------------------
 

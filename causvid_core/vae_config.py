@@ -18,6 +18,9 @@ WAN_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743
                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 
+PADDINGS = ("zeros", "circular")
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     dim: int = 96
@@ -30,6 +33,9 @@ class VAEConfig:
     attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)  # [sic], per level; decoder reversed
     dropout: float = 0.0
+    # spatial padding of every conv: "zeros" (Wan2.1) or "circular" (ours only: frames are a torus, as Shapes
+    # World's are; an object crossing an edge is drawn whole on both sides instead of against a zero border)
+    padding: str = "zeros"
     # None -> Wan2.1's statistics when z_dim is 16, else identity (mean 0, std 1)
     latent_mean: Optional[tuple[float, ...]] = None
     latent_std: Optional[tuple[float, ...]] = None
@@ -45,6 +51,8 @@ class VAEConfig:
         std = self.latent_std if self.latent_std is not None else (WAN_LATENT_STD if wan else (1.0,) * self.z_dim)
         put("latent_mean", tuple(float(m) for m in mean))
         put("latent_std", tuple(float(s) for s in std))
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if len(self.dim_mult) < 2:
             raise ValueError(f"dim_mult needs at least 2 levels, got {self.dim_mult}")
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:

@@ -30,12 +30,36 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int] = (1, 1, 1),
-           padding: Sequence[int] = (0, 0, 0)) -> Tensor:
-    """F.conv3d, through oneDNN for float32 on CPU (same result up to float rounding; autograd works)."""
+           padding: Sequence[int] = (0, 0, 0), circular: bool = False) -> Tensor:
+    """F.conv3d, through oneDNN for float32 on CPU (same result up to float rounding; autograd works).
+
+    circular: the spatial padding wraps around (a torus) instead of adding zeros; time padding is always
+    the caller's (causal convs pad time themselves). Under CPU autocast the conv runs in the autocast
+    dtype (bfloat16 convs are ~2x faster than float32 on CPUs with AVX-512 BF16), and a wrapped input is
+    cast before it is padded, so the padded copy is made once, in the small dtype."""
+    ph, pw = padding[1], padding[2]
+    if circular and (ph or pw):
+        x = wrap_pad(_autocast_input(x), (pw, pw, ph, ph))
+        padding = (padding[0], 0, 0)
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and torch.backends.mkldnn.enabled):
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")):
         return torch.mkldnn_convolution(x.contiguous(), weight, bias, padding, stride, (1, 1, 1), 1)
     return F.conv3d(x, weight, bias, stride=stride, padding=padding)
+
+
+def _autocast_input(x: Tensor) -> Tensor:
+    """x in the dtype CPU autocast will run the next conv in (unchanged outside autocast)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return x.to(torch.get_autocast_dtype("cpu"))
+    return x
+
+
+def wrap_pad(x: Tensor, pad: Sequence[int]) -> Tensor:
+    """Circular padding of the last two dims by (left, right, top, bottom), each at most the dim's size.
+    The same numbers as F.pad(mode="circular"), built from two concatenations (several times faster on CPU)."""
+    left, right, top, bottom = pad
+    x = torch.cat([x[..., x.shape[-1] - left:], x, x[..., :right]], dim=-1)
+    return torch.cat([x[..., x.shape[-2] - top:, :], x, x[..., :bottom, :]], dim=-2)
 
 
 class FeatureCache:
@@ -65,14 +89,15 @@ class CausalConv3d(nn.Conv3d):
     """Conv3d padded 2*p_t frames on the left in time only (Wan), those frames taken from the cache."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,
-                 padding: int | Sequence[int] = 0):
+                 padding: int | Sequence[int] = 0, circular: bool = False):
         p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
         super().__init__(in_dim, out_dim, kernel, stride=stride, padding=(0, p[1], p[2]))
         self.history = 2 * p[0]  # input frames this conv looks back
+        self.circular = circular  # spatial padding wraps around (VAEConfig.padding "circular")
         self.slot = -1  # this conv's slot in its network's FeatureCache; -1 = stateless
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return conv3d(x, weight, bias, self.stride, self.padding)
+        return conv3d(x, weight, bias, self.stride, self.padding, self.circular)
 
     def forward(self, x: Tensor, cache: Optional[FeatureCache] = None) -> Tensor:
         n = self.history
@@ -151,6 +176,7 @@ class Resample(nn.Module):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
+        self.circular = False  # spatial padding wraps around (set by use_circular_padding)
         if mode.startswith("upsample"):
             self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
                                           nn.Conv2d(dim, dim // 2, 3, padding=1))
@@ -179,8 +205,10 @@ class Resample(nn.Module):
         w = conv.weight.unsqueeze(2)  # [Co, Ci, 1, 3, 3]
         if self.mode.startswith("upsample"):
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
-            return conv3d(x, w, conv.bias, padding=(0, 1, 1))
-        return conv3d(F.pad(x, (0, 1, 0, 1)), w, conv.bias, stride=(1, 2, 2))
+            return conv3d(x, w, conv.bias, padding=(0, 1, 1), circular=self.circular)
+        # Wan pads one zero column / row on the right and bottom before the stride-2 conv
+        x = wrap_pad(_autocast_input(x), (0, 1, 0, 1)) if self.circular else F.pad(x, (0, 1, 0, 1))
+        return conv3d(x, w, conv.bias, stride=(1, 2, 2))
 
     def _state(self, cache: Optional[FeatureCache]) -> Optional[Tensor]:
         return cache.slots[self.time_conv.slot] if cache is not None else None
@@ -217,6 +245,13 @@ class Resample(nn.Module):
         y = self.time_conv(torch.cat([prev, x], dim=2))  # stride 2: [B, C, n / 2, H, W]
         self._put(cache, x[:, :, -1:].clone())
         return y if first is None else torch.cat([first, y], dim=2)
+
+
+def use_circular_padding(net: nn.Module, circular: bool = True) -> None:
+    """Every spatial padding of net's convs wraps around (a torus) instead of adding zeros, or back to zeros."""
+    for m in net.modules():
+        if isinstance(m, (CausalConv3d, Resample)):
+            m.circular = circular
 
 
 def assign_slots(net: nn.Module) -> int:

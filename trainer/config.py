@@ -30,6 +30,10 @@ class LoopConfig:
     # Shapes teacher on 2 CPU cores (session 11): a bare forward + backward 0.307 -> 0.246 s, but the whole stage
     # step (text encoder, per-sample noise, EMA) only 0.348 -> 0.330 s over 480 steps: left off in the preset
     compile: bool = False
+    # bfloat16 autocast of the loss (forward and backward; weights and optimizer stay float32). On these
+    # 2 CPU cores (AMD EPYC, AVX-512 BF16; session 13): a shapes teacher step 0.361 -> 0.269 s, a VAE step
+    # on 32x32 windows 1.69 -> 0.97 s (1 thread)
+    autocast: bool = False
 
 
 @dataclass
@@ -37,6 +41,9 @@ class DataConfig:
     clip_frames: int = 33  # pixel frames, 4k+1
     num_clips: int = 512  # pre-rendered training clips (latents cached for the DiT stages)
     seed: int = 1234
+    # the teacher stages see each clip's latents rolled by a random whole number of latent cells: with a
+    # circular-padded VAE (required) that is exactly the latent of the same clip started elsewhere on the torus
+    roll: bool = False
 
 
 @dataclass
@@ -48,10 +55,21 @@ class VAEStage(LoopConfig):
     stats_clips: int = 64  # clips encoded to measure the latent mean/std
     fg_weight: float = 10.0  # extra loss weight on the object's pixels (it covers only 2-12% of a frame)
     sample_latent: bool = False  # decode mu + sigma * eps instead of mu (slow: sigma starts at 1)
-    warmup: int = 50  # linear lr warm-up steps (at most a tenth of the steps)
+    warmup: int = 50  # linear lr warm-up steps (at most a tenth of the steps), again where the video phase starts
     burn_in_frames: int = 0  # up to this many frames of history (no gradient) before the reconstructed ones
     crop: int = 0  # > 0: train on crop x crop object-centred windows (data.crop_batch) instead of whole frames
     crop_jitter: float = 6.0  # the object's centre lands within +- this many pixels of the window's centre
+    # image phase: the first image_steps steps train single frames (the encoder's and decoder's first-frame
+    # path, as Wan's VAE started from an image VAE), image_batch_factor frames per batch index, on
+    # image_crop windows; the weights start "inflated" (every causal conv sees only its current frame, the
+    # time resamplers pass it through), so the video phase starts from a per-frame autoencoder. At the
+    # switch the optimizer state is reset (its moments of the time taps, still zero, would jolt them) and
+    # the learning rate (video_lr) warms up again
+    image_steps: int = 0
+    image_batch_factor: int = 4
+    image_crop: int = 32
+    video_lr: Optional[float] = None  # None: lr
+    decay_from: Optional[int] = None  # cosine decay to zero from this step (None: constant to the end)
 
 
 @dataclass
@@ -137,6 +155,7 @@ class ODEPairsStage(ContrastGuidance):
     # torch.compile the teacher (shapes, 2 CPU cores, session 11: 50-52 -> 32-36 s per batch of 32 pairs, after a
     # first batch that compiles; ~13 of the stage's ~41 minutes)
     compile: bool = False
+    autocast: bool = False  # bfloat16 autocast of the teacher's sampling (LoopConfig.autocast)
 
 
 @dataclass
@@ -233,38 +252,36 @@ def micro() -> TrainConfig:
 
 
 def shapes() -> TrainConfig:
-    """The built-in model, on 2 CPU cores alone: 4.5-5.5 h end to end, far over the 2.5 h aim, plus ~10 min for the
-    ablation. Per stage: VAE ~112 min (session 11, a fresh run alone: 536 s for its first 200 of 2500 steps; the
-    33 min of earlier notes predate the 32-frame burn-in), decoder 32-83 (83 in the published run's DONE.json),
-    teacher 81-104 (0.27-0.35 s per step as the machine varies), ODE pairs ~28 compiled (41 eager), the rest ~15.
-    The VAE's burn-in and the decoder's steps are the next time levers (not yet measured for quality)."""
+    """The built-in model, on 2 CPU cores alone, aimed at the 2.5 h budget (session 13's layout). Per stage, as
+    planned from step times measured on this machine (AMD EPYC, bfloat16 autocast): VAE ~36 min (600 image
+    steps at 0.62 s, 1400 video steps at 1.3 s), teacher ~56 (12000 steps at ~0.28 s), ODE pairs ~13 (32 teacher
+    steps, compiled), ODE init ~10, DMD ~5, the rest ~8. Sessions 1-12's layout (a zero-padded VAE on whole
+    frames, a 2000-step decoder stage, an 18000-step float32 teacher) took 4.5-5.5 h."""
     return TrainConfig(
         name="shapes",
-        data=DataConfig(clip_frames=33, num_clips=2048),
-        # burn-in: the VAE's causal convs see further back than a 9-frame clip; without a random history
-        # before the loss it reconstructs only the first 9 frames of a long video (trainer/stages/vae.py).
-        # crop (off here): session 12, 600 steps from scratch without burn-in, the same time per step, round trip
-        # of 96 triangles / 48 squares / 48 circles: whole frames at batch 8 3 / 10 / 47 (all-four 28 of 192),
-        # 32x32 object windows at batch 32 43 / 38 / 42 (97 of 192); the published VAE 70 / 45 / 48 (163).
-        # Not yet a full run (started: --set vae.crop=32 --set vae.batch=16, ~1.6 s per step with burn-in)
-        vae=VAEStage(preset="shapes", steps=2500, batch=8, lr=2e-3, clip_frames=9, burn_in_frames=32,
-                     log_every=20, ckpt_every=200,
-                     stats_clips=128),
-        # the VAE stage's decoder draws triangles soft enough to pass for circles: sharpen it (encoder frozen),
-        # from step 200 against a patch discriminator. A 600-step probe of that term on top of the L1 decoder
-        # lifted the round trip from 89.6% to 95.8% all-four in distribution (triangles 14 -> 17 of 20).
-        # Session 12, on more clips: the published VAE's round trip is only 91.1% all-four on the 192 prompts of
-        # docs/RESULTS.md (88.5% on 96 others); every miss is a shape, and triangles come back as domes
-        # (70 of 96 read as triangles; squares 45/48, circles 48/48): this caps every student below the 0.90
-        # aim. 400 more decoder steps (adversarial weight 1.0, lr 1e-4) left it at 173/192; fine-tuning the whole
-        # VAE 400 steps (cosine lr 2e-4, edge term) 178/192. The VAE stage itself is the lever.
-        vae_decoder=VAEDecoderStage(steps=2000, batch=2, lr=2e-4, warmup=100, decoder_res_blocks=2, adv_weight=0.5,
+        data=DataConfig(clip_frames=33, num_clips=2048, roll=True),
+        # Circular padding (the world is a torus). Session 13, probes of the first-frame (image) path on 32x32
+        # object windows, 1 thread, shapes read from 96 single-frame round trips (circles / squares / triangles
+        # of 32 each): zero padding 582 steps 32 / 28 / 25, its misses the objects that cross the frame's edge
+        # (drawn as blobs against the zero border); circular 337 steps 32 / 30 / 32. Then image steps first
+        # (from inflated weights) and video after: 20 min on 1 thread (310 image + 445 video steps, 32x32
+        # windows, burn-in up to 16) read 44 of 48 33-frame round trips (16/16, 15/16, 13/16); with 40x40
+        # windows and burn-in up to 32 (fewer steps) 34 of 48; the published zero-padded VAE ~41 of 48
+        # (2500 + 2000 decoder steps). Video from scratch sits for hundreds of steps on the plateau where the
+        # object is drawn as background (object PSNR ~12 dB after 350 steps); the image path leaves it in 100.
+        vae=VAEStage(preset="shapes", overrides=dict(padding="circular"), steps=2000, batch=16, lr=2e-3,
+                     video_lr=1e-3, decay_from=1500, clip_frames=9, burn_in_frames=16, crop=32, crop_jitter=4.0,
+                     image_steps=600, image_batch_factor=4, image_crop=32, autocast=True,
+                     log_every=20, ckpt_every=100, stats_clips=128),
+        # off: the decoder fine-tune (2000 steps, 32-83 min) does not fit the budget beside the VAE stage above
+        vae_decoder=VAEDecoderStage(steps=0, batch=2, lr=2e-4, warmup=100, decoder_res_blocks=2, adv_weight=0.5,
                                     adv_start=200, log_every=20, ckpt_every=100),
         text=TextStage(steps=300, batch=64, lr=3e-3, log_every=20, ckpt_every=100),
         dit=DiTArch(preset="shapes"),
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four
-        teacher=TeacherStage(steps=18000, batch=16, lr=3e-4, ema=0.999, decay_from=8000, log_every=20,
-                             ckpt_every=200),
+        # (sessions 1-12: 18000 steps, decay from 8000, float32)
+        teacher=TeacherStage(steps=12000, batch=16, lr=3e-4, ema=0.999, decay_from=5000, autocast=True,
+                             log_every=20, ckpt_every=200),
         # Off (steps 0; turn on with --set teacher_refine.steps=4000). The teacher's 2048 clips, seen ~140 times
         # each, fit it 13-17% better than fresh ones (sigma 0.3-0.85). 4000 steps on 10240 clips (11 min to
         # encode, 19 to train) cut the fresh-clip loss 5-6% and lifted the teacher from 21 to 24/48 all-four
@@ -276,12 +293,12 @@ def shapes() -> TrainConfig:
         # from noise; triangles 0 of 12 from noise).
         teacher_refine=TeacherRefineStage(steps=0, batch=16, lr=2e-4, num_clips=10240, warmup=100, ema=0.998,
                                           log_every=20, ckpt_every=200),
-        causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, log_every=20, ckpt_every=100),
+        causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, autocast=True, log_every=20, ckpt_every=100),
         # 768 pairs: ODE init memorised (0% held out). Shape-contrastive guidance (+1.5 x (square - mean of
         # circle, triangle) for a square): the teacher draws squares 10/16 instead of 2/16, all-four 29/48
         # instead of 21/48 (triangles stay circles); at 3 the distilled student drew squares too big to find
-        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=3.0, batch=32, contrast=1.5,
-                                contrast_words=[list(SHAPE_WORDS)], compile=True),
+        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=32, guidance=3.0, batch=32, contrast=1.5,
+                                contrast_words=[list(SHAPE_WORDS)], compile=True, autocast=True),
         # + a matching-aware latent discriminator from step 200 (real clips of their prompt against the student's
         # x0 and against real clips under a swapped shape word): the teacher's pairs draw triangles as domes and
         # regression copies them; the data has none. Session 9, same pairs and DMD: all-four in distribution
@@ -290,7 +307,7 @@ def shapes() -> TrainConfig:
         # It varies from run to run: session 10's run (restored teacher, new pairs) got 37.5% after ODE init
         # (colour and motion 73%, triangles 8 of 20) against 50.0% without it (triangles 1 of 20); after DMD 70.8%.
         ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, adv_weight=0.5, adv_start=200,
-                              mismatch_words=[list(SHAPE_WORDS)], log_every=20, ckpt_every=100),
+                              mismatch_words=[list(SHAPE_WORDS)], autocast=True, log_every=20, ckpt_every=100),
         # Self-Forcing's generator input (the student's own cached rollout): against CausVid's noised data it
         # kept in-distribution all-four (45.8% vs 47.9%, n=48) and lifted held-out pairs 33.3% -> 45.8% (n=24)
         # How far DMD moves the student: with gen_every 5, 600 steps are 120 generator updates. Session 10 (a run
@@ -308,7 +325,7 @@ def shapes() -> TrainConfig:
         # pixels still showed small, soft triangles read as circles (dropped, not committed).
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
                      ema_start=100, generator_input="rollout", contrast=1.5, contrast_words=[list(SHAPE_WORDS)],
-                     log_every=10, ckpt_every=100),
+                     autocast=True, log_every=10, ckpt_every=100),
         # the rolling window of endless streams: the context the model trained on (9 latent frames: two past
         # chunks + the current one). Ten 30-chunk streams: colour, background or motion wrong in 16/300 chunks
         # at 9 + 0 (16 at 12 + 0, 27 at 12 + 3); with the student before contrastive guidance 9 / 24 / 32

@@ -49,6 +49,15 @@ def crop_batch(seed: int, indices: list[int], frames: int, size: int, centre_fra
     return torch.cat([from_uint8(v) for v in out])
 
 
+def torus_roll(x: Tensor, u: Tensor) -> Tensor:
+    """x [B, C, F, h, w] latents, u [B, 2] uniforms in [0, 1): sample b rolled by (floor(u[b, 0] h),
+    floor(u[b, 1] w)) latent cells. For a circular-padded VAE this is exactly the latent of the same clip
+    moved by 8x those pixels on the torus (VAE encoding commutes with such rolls), so it adds clips for free."""
+    h, w = x.shape[-2:]
+    cells = (u * torch.tensor([h, w], dtype=u.dtype)).long().tolist()
+    return torch.stack([torch.roll(xb, (dy, dx), dims=(-2, -1)) for xb, (dy, dx) in zip(x, cells)])
+
+
 def prompt_batch(seed: int, indices: list[int], split: str = "train") -> list[str]:
     return [world.sample_spec(np.random.default_rng([seed, i]), split).prompt for i in indices]
 

@@ -177,14 +177,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def autocast(enabled: bool, device: torch.device | str = "cpu"):
+    """bfloat16 autocast (LoopConfig.autocast) on the device's type; a no-op context when not enabled."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 loss_fn, extra_state: Optional[dict[str, Any]] = None, progress: bool = True,
                 after_step=None, lr_fn=None, optional_state: tuple[str, ...] = (),
-                compilable: bool = True) -> torch.nn.Module:
+                compilable: bool = True, before_step=None) -> torch.nn.Module:
     """The shared loop: resume, for each step: micro-batches (no DDP sync until the last), clip, step,
-    log, checkpoint; finally a last checkpoint. loss_fn(step, indices) -> (loss, metrics dict);
-    lr_fn(step) -> the learning rate of that step (None: the optimizer's own, constant). compilable: whether
-    loss_fn goes through the model's forward, which cfg.compile compiles (the VAE stages call encode / decode)."""
+    log, checkpoint; finally a last checkpoint. loss_fn(step, indices) -> (loss, metrics dict), run under
+    bfloat16 autocast when cfg.autocast; lr_fn(step) -> the learning rate of that step (None: the optimizer's
+    own, constant); before_step(step) runs first in every step. compilable: whether loss_fn goes through the
+    model's forward, which cfg.compile compiles (the VAE stages call encode / decode)."""
     from tqdm import tqdm
 
     acc = run.acc
@@ -199,6 +205,8 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=run.name,
                disable=not (progress and run.is_main), dynamic_ncols=True)
     for step in bar:
+        if before_step is not None:
+            before_step(step)
         if lr_fn is not None:
             set_lr(optimizer, lr_fn(step))
         micro_batches = run.local_indices(step, cfg.batch, cfg.grad_accum)
@@ -206,7 +214,8 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
         for m, indices in enumerate(micro_batches):
             sync = contextlib.nullcontext() if m == len(micro_batches) - 1 else acc.no_sync(model)
             with sync:
-                loss, metrics = loss_fn(step, indices, model)
+                with autocast(cfg.autocast, acc.device):
+                    loss, metrics = loss_fn(step, indices, model)
                 acc.backward(loss / len(micro_batches))
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro_batches)

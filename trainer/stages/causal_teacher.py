@@ -13,7 +13,7 @@ from ..config import TrainConfig
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
 from .common import encode, grid_index, load_frozen, output, require, teacher_stage
-from .teacher import latent_set
+from .teacher import check_roll, latent_batch, latent_set
 from causvid_core.text import load_text_encoder
 
 
@@ -35,9 +35,10 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)
+    check_roll(cfg, root)
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
-        x0, prompts = data.batch(idx)
+        x0, prompts = latent_batch(cfg, r, data, step, idx)
         F = x0.shape[2]
         drop = r.rand(step, idx, purpose=2) < cfg.teacher.cond_dropout
         cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])

@@ -24,7 +24,7 @@ from causvid_core.text import load_text_encoder
 
 from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
-from ..run import StageRun
+from ..run import StageRun, autocast
 from ..schedules import update_ema
 from .common import contrast_negatives, encode, grid_index, load_frozen, output, require, student_steps, teacher_stage
 from .teacher import latent_set
@@ -91,52 +91,53 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     from tqdm import tqdm
     for step in tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc="dmd", disable=not r.is_main,
                      dynamic_ncols=True):
-        (idx,) = r.local_indices(step, sc.batch)
-        x0_data, prompts = data.batch(idx)
-        B, F = x0_data.shape[0], x0_data.shape[2]
-        chunks = -(-F // chunk)
-        cond, uncond = encode(text, prompts), encode(text, [""] * B)
-        torch.manual_seed(noise_seed(cfg.seed, step, r.rank))  # rollout re-noising: not tied to a sample
-        metrics = {}
+        with autocast(sc.autocast, r.acc.device):  # backward inside too: its ops follow the forward's dtypes
+            (idx,) = r.local_indices(step, sc.batch)
+            x0_data, prompts = data.batch(idx)
+            B, F = x0_data.shape[0], x0_data.shape[2]
+            chunks = -(-F // chunk)
+            cond, uncond = encode(text, prompts), encode(text, [""] * B)
+            torch.manual_seed(noise_seed(cfg.seed, step, r.rank))  # rollout re-noising: not tied to a sample
+            metrics = {}
 
-        def make_x_gen() -> torch.Tensor:
-            if sc.generator_input == "rollout":
-                exits = (r.rand(step, [0], (chunks,), purpose=5)[0] * len(steps)).long().clamp(max=len(steps) - 1)
-                noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6)
-                return self_rollout(gen, noise, cond, steps, grid, chunk, exits.tolist(),
-                                    lambda c, i, shape: torch.randn(shape))
-            return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6), cond,
-                                      steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5))
+            def make_x_gen() -> torch.Tensor:
+                if sc.generator_input == "rollout":
+                    exits = (r.rand(step, [0], (chunks,), purpose=5)[0] * len(steps)).long().clamp(max=len(steps) - 1)
+                    noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6)
+                    return self_rollout(gen, noise, cond, steps, grid, chunk, exits.tolist(),
+                                        lambda c, i, shape: torch.randn(shape))
+                return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6), cond,
+                                          steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5))
 
-        if step % sc.gen_every == 0:
-            x_gen = make_x_gen()
-            t = grid_index(grid, r.rand(step, idx, purpose=7), sc.t_min, sc.t_max)
-            x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8), t)
+            if step % sc.gen_every == 0:
+                x_gen = make_x_gen()
+                t = grid_index(grid, r.rand(step, idx, purpose=7), sc.t_min, sc.t_max)
+                x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8), t)
+                with torch.no_grad():
+                    tt = t.unsqueeze(1).expand(B, F) if real_causal else t
+                    negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
+                    x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
+                                        chunk_frames=chunk if real_causal else None, negatives=negatives,
+                                        contrast=sc.active_contrast)
+                    x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
+                loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
+                loss_g.backward()
+                sync_grads(r.acc, gen)
+                metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), sc.grad_clip))
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
+                metrics["loss_dmd"] = loss_g.item()
             with torch.no_grad():
-                tt = t.unsqueeze(1).expand(B, F) if real_causal else t
-                negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
-                x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
-                                    chunk_frames=chunk if real_causal else None, negatives=negatives,
-                                    contrast=sc.active_contrast)
-                x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
-            loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
-            loss_g.backward()
-            sync_grads(r.acc, gen)
-            metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), sc.grad_clip))
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
-            metrics["loss_dmd"] = loss_g.item()
-        with torch.no_grad():
-            x_gen = make_x_gen()
-        t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max)
-        loss_c = critic_loss(critic, x_gen, r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=10), t, cond, grid)
-        loss_c.backward()
-        sync_grads(r.acc, critic)
-        torch.nn.utils.clip_grad_norm_(critic.parameters(), sc.grad_clip)
-        opt_c.step()
-        opt_c.zero_grad(set_to_none=True)
-        metrics["loss_critic"] = loss_c.item()
+                x_gen = make_x_gen()
+            t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max)
+            loss_c = critic_loss(critic, x_gen, r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=10), t, cond, grid)
+            loss_c.backward()
+            sync_grads(r.acc, critic)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), sc.grad_clip)
+            opt_c.step()
+            opt_c.zero_grad(set_to_none=True)
+            metrics["loss_critic"] = loss_c.item()
         if step % sc.log_every == 0 or step == sc.steps - 1:
             r.log(step, **metrics)
         if (step + 1) % sc.ckpt_every == 0 and step + 1 < sc.steps:

@@ -15,7 +15,7 @@ from causvid_core.text import load_text_encoder
 
 from ..config import TrainConfig
 from ..data import prompt_batch, save_ode_shard
-from ..run import StageRun
+from ..run import StageRun, autocast
 from .common import contrast_negatives, dit_config, encode, load_frozen, require, student_steps, teacher_stage
 from .teacher import latent_set
 
@@ -59,10 +59,11 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         cond, uncond = encode(text, prompts), encode(text, [""] * len(idx))
         noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
         negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
-        _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
-                                       guidance=sc.guidance, keep=keep, negatives=negatives,
-                                       contrast=sc.active_contrast, eta=sc.eta,
-                                       step_noise=lambda i, idx=idx: r.randn(i + 1, idx, noise.shape[1:]))
+        with autocast(sc.autocast, r.acc.device):
+            _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
+                                           guidance=sc.guidance, keep=keep, negatives=negatives,
+                                           contrast=sc.active_contrast, eta=sc.eta,
+                                           step_noise=lambda i, idx=idx: r.randn(i + 1, idx, noise.shape[1:]))
         states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
         save_ode_shard(path, states, prompts, list(steps) + [0.0])
         r.save_seconds()

@@ -16,7 +16,7 @@ from causvid_core.text import load_text_encoder
 from causvid_core.vae import load_vae
 
 from ..config import TrainConfig
-from ..data import LatentSet
+from ..data import LatentSet, torus_roll
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
 from ..schedules import lr_at, update_ema
@@ -33,13 +33,32 @@ def latent_set(cfg: TrainConfig, root: Path, run: StageRun, num_clips: int | Non
                            cfg.data.clip_frames, is_main=run.is_main, wait=run.acc.wait_for_everyone)
 
 
+def latent_batch(cfg: TrainConfig, run: StageRun, data: LatentSet, step: int, idx: list[int]
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """The clips' latents and prompts, rolled on the torus when data.roll (purpose 4 of the step's draws)."""
+    x0, prompts = data.batch(idx)
+    if cfg.data.roll:
+        x0 = torus_roll(x0, run.rand(step, idx, (2,), purpose=4))
+    return x0, prompts
+
+
+def check_roll(cfg: TrainConfig, root: Path) -> None:
+    """data.roll is exact only for a VAE with circular padding: refuse it for any other."""
+    padding = load_vae(require(root, "vae")).config.padding
+    if cfg.data.roll and padding != "circular":
+        raise ValueError(f"data.roll needs a VAE with circular padding (this run's has {padding!r}): set "
+                         "vae.overrides.padding=circular, or data.roll=false")
+
+
 def flow_matching_batches(cfg: TrainConfig, run: StageRun, text, data: LatentSet):
     """The teacher's loss: flow matching on the shifted grid, prompts dropped (empty) for CFG."""
     sc = cfg.teacher
     grid = FlowGrid(sc.shift)
 
+    check_roll(cfg, run.dir.parent)
+
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
-        x0, prompts = data.batch(idx)
+        x0, prompts = latent_batch(cfg, run, data, step, idx)
         drop = run.rand(step, idx, purpose=2) < sc.cond_dropout
         cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])
         noise = run.randn(step, idx, tuple(x0.shape[1:]))

@@ -8,6 +8,8 @@ The weights start from a unit-gain init with every residual block's last conv ze
 as its shortcut): with PyTorch's default init the same recipe stays near 12 dB for 400 steps.
 `crop` > 0 trains on object-centred windows of torus-rolled clips (data.crop_batch) instead of whole frames:
 the convolutional VAE still encodes whole frames, and the steps spend their pixels on the object.
+`image_steps` > 0 first trains single frames (the first-frame path) from "inflated" weights, then video
+(VAEStage's comment); with circular padding (`overrides.padding`) windows and whole frames are the same torus.
 Afterwards the per-channel latent mean/std are measured on fresh clips and stored in the config, so the
 DiT sees normalised latents, as Wan's do."""
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from causvid_core.vae import WanVAE, save_vae, vae_preset
-from causvid_core.vae_layers import AttentionBlock, ResidualBlock
+from causvid_core.vae_layers import AttentionBlock, CausalConv3d, Resample, ResidualBlock
 
 from ..config import TrainConfig
 from ..data import clip_batch, crop_batch
@@ -31,8 +33,11 @@ from .common import output
 
 
 @torch.no_grad()
-def init_weights(vae: WanVAE) -> None:
-    """Unit-gain conv init (std 1/sqrt(fan_in), zero bias); residual blocks and attention start as identity."""
+def init_weights(vae: WanVAE, inflate: bool = False) -> None:
+    """Unit-gain conv init (std 1/sqrt(fan_in), zero bias); residual blocks and attention start as identity.
+    inflate: every causal 3x3x3 conv starts with its past-frame taps zero and every temporal resampler as a
+    pass-through of the current frame (down: the last frame of its window; up: the frame repeated), so the
+    video VAE starts as an image autoencoder applied to each frame (what the image phase trains)."""
     for m in vae.modules():
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             m.weight.normal_(0.0, 1.0 / math.sqrt(m.weight[0].numel()))
@@ -43,6 +48,18 @@ def init_weights(vae: WanVAE) -> None:
             m.residual[6].weight.zero_()
         elif isinstance(m, AttentionBlock):
             m.proj.weight.zero_()
+    if not inflate:
+        return
+    for m in vae.modules():
+        if isinstance(m, Resample) and m.stateful:  # time_conv [C_out, C, 3, 1, 1]: identity on the current frame
+            w = m.time_conv.weight
+            w.zero_()
+            m.time_conv.bias.zero_()
+            eye = torch.eye(w.shape[1], dtype=w.dtype)[:, :, None, None]
+            for half in range(w.shape[0] // w.shape[1]):  # upsample: both output frames
+                w[half * w.shape[1]:(half + 1) * w.shape[1], :, -1] = eye
+        elif isinstance(m, CausalConv3d) and m.history > 0 and m.kernel_size[1] > 1:
+            m.weight[:, :, :-1] = 0.0  # only the current frame's taps
 
 
 def foreground(x: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
@@ -69,9 +86,9 @@ def reconstruct(vae: WanVAE, x: torch.Tensor, eps: Optional[torch.Tensor] = None
             vae.decoder(vae.conv2(torch.cat(past, 2)), dec)
         x = x[:, :, 1 + history:]
     mu, log_var = vae.encode_moments(x, enc if history else None)
-    log_var = log_var.clamp(-30.0, 20.0)
+    mu, log_var = mu.float(), log_var.float().clamp(-30.0, 20.0)  # float32 also under autocast
     z = mu if eps is None else mu + torch.exp(0.5 * log_var) * eps
-    return vae.decoder(vae.conv2(z), dec), mu, log_var
+    return vae.decoder(vae.conv2(z), dec).float(), mu, log_var
 
 
 def edge_l1(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,12 +139,34 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc = cfg.vae
     torch.manual_seed(cfg.seed)
     vae = WanVAE(vae_preset(sc.preset).replace(**sc.overrides))
-    init_weights(vae)
+    init_weights(vae, inflate=sc.image_steps > 0)
     opt = torch.optim.AdamW(vae.parameters(), lr=sc.lr, betas=(0.9, 0.99), weight_decay=sc.weight_decay)
     data_seed = cfg.data.seed + 7  # not the DiT stages' clips
+    image_seed = data_seed + 2  # the image phase's clips (image_batch_factor per index)
     warmup = max(1, min(sc.warmup, sc.steps // 10))
+    video_lr = sc.lr if sc.video_lr is None else sc.video_lr
+
+    def lr_fn(step: int) -> float:
+        if step < sc.image_steps:
+            return lr_at(step, sc.image_steps, sc.lr, warmup, decay_from=sc.image_steps)
+        return lr_at(step - sc.image_steps, sc.steps - sc.image_steps, video_lr, warmup,
+                     decay_from=sc.steps if sc.decay_from is None else sc.decay_from - sc.image_steps)
+
+    def before_step(step: int) -> None:
+        if step == sc.image_steps > 0:  # the video phase starts with fresh optimizer moments
+            opt.state.clear()
+
+    def image_loss(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
+        k = sc.image_batch_factor
+        frames = [i * k + j for i in idx for j in range(k)]
+        jitter = (r.rand(step, frames, (2,), purpose=6) * 2 - 1) * sc.crop_jitter
+        x = crop_batch(image_seed, frames, 1, sc.image_crop, 0, jitter)  # [B * k, 3, 1, c, c]
+        recon, _, _ = reconstruct(m, x)
+        return reconstruction_loss(recon, x, sc.fg_weight)
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
+        if step < sc.image_steps:
+            return image_loss(step, idx, m)
         tf = m.config.time_factor
         # history shared by the step's samples: 0 (the whole clip, first frame included) .. burn_in_frames
         history = tf * int(r.rand(step, idx[:1], purpose=5)[0] * (sc.burn_in_frames // tf + 1))
@@ -148,9 +187,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         return rec + sc.kl_weight * kl, {**metrics, "kl": kl.item()}
 
-    # linear warm-up, then constant (no decay before the last step)
-    vae = train_steps(r, sc, vae, opt, loss_fn, compilable=False,
-                      lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup, decay_from=sc.steps)).eval()
+    vae = train_steps(r, sc, vae, opt, loss_fn, compilable=False, lr_fn=lr_fn, before_step=before_step).eval()
     mean, std = latent_stats(vae, data_seed + 1, sc.stats_clips, sc.clip_frames)
     final = WanVAE(vae.config.replace(latent_mean=tuple(mean), latent_std=tuple(std)))
     final.load_state_dict(vae.state_dict())
