@@ -604,3 +604,88 @@ def test_resuming_a_run_with_other_settings_says_which(tmp_path):
     assert len(logs) == 1 and "2 changed" in logs[0]
     assert "vae.crop: 0 -> 16" in logs[0] and f"dmd.steps: {micro().dmd.steps} -> 7" in logs[0]
     assert json.loads((tmp_path / "config.json").read_text())["vae"]["crop"] == 16
+
+
+def test_inflated_vae_starts_as_an_autoencoder_of_each_frame():
+    """init_weights(inflate=True): every latent frame of a still clip is the first-frame (image) latent, and every
+    decoded frame the image decode, so the video phase starts from what the image phase trained."""
+    from causvid_core.vae import WanVAE, vae_preset
+    from trainer.stages.vae import init_weights
+    torch.manual_seed(0)
+    vae = WanVAE(vae_preset("wan-tiny").replace(padding="circular"))
+    init_weights(vae, inflate=True)
+    frame = torch.rand(1, 3, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    still = frame.expand(-1, -1, 9, -1, -1).contiguous()
+    with torch.no_grad():
+        z, z_image = vae.encode_moments(still)[0], vae.encode_moments(frame)[0]
+        assert z.shape[2] == 3 and torch.allclose(z, z_image.expand_as(z), atol=1e-6)
+        y, y_image = vae.decoder(vae.conv2(z)), vae.decoder(vae.conv2(z_image))
+        assert torch.allclose(y, y_image.expand_as(y), atol=1e-6)
+    init_weights(vae)  # without inflation the past taps are live
+    with torch.no_grad():
+        z = vae.encode_moments(still)[0]
+    assert (z - z[:, :, :1]).abs().max() > 1e-3
+
+
+def test_torus_roll_of_latents_is_the_latent_of_the_rolled_clip(tmp_path):
+    """data.roll: with a circular VAE, rolling a clip's latent by whole cells equals encoding the clip moved by 8x
+    those pixels on the torus, i.e. another clip of the world; a zero-padded VAE is refused."""
+    from causvid_core import world
+    from causvid_core.vae import random_vae, vae_preset
+    from trainer.data import clip_batch, torus_roll
+    from trainer.stages.teacher import check_roll
+    vae = random_vae(vae_preset("wan-tiny").replace(padding="circular"), seed=2)
+    x, _ = clip_batch(3, [0, 1], 9)
+    u = torch.tensor([[0.3, 0.9], [0.0, 0.5]])  # 8x8 latents: rolls (2, 7) and (0, 4) cells
+    with torch.no_grad():
+        z = vae.encode(x)
+        moved = torch.stack([torch.roll(x[0], (16, 56), (-2, -1)), torch.roll(x[1], (0, 32), (-2, -1))])
+        assert torch.allclose(torus_roll(z, u), vae.encode(moved), atol=1e-5)
+    assert world.FRAME_SIZE == x.shape[-1]
+    cfg = apply_overrides(micro(), ["data.roll=true"])
+    from causvid_core.vae import save_vae
+    root = tmp_path
+    (root / "vae").mkdir()
+    save_vae(random_vae("wan-tiny"), output(root, "vae"))
+    with pytest.raises(ValueError, match="circular"):
+        check_roll(cfg, root)
+    check_roll(apply_overrides(micro(), ["data.roll=false"]), root)
+
+
+def test_vae_image_phase_then_video_resumes_across_the_switch(tmp_path, monkeypatch):
+    """image_steps: single frames first (image_batch_factor per index), then clips; the optimizer's moments are
+    reset where the video phase starts. A run stopped at a checkpoint inside the video phase and resumed logs the
+    straight run's losses and ends with its weights."""
+    from causvid_core.vae import load_vae
+    from trainer.stages import vae as vae_stage
+    sets = ["vae.steps=8", "vae.image_steps=4", "vae.ckpt_every=6", "vae.log_every=1", "vae.crop=16",
+            "vae.image_crop=16", "vae.stats_clips=4"]
+    cfg = apply_overrides(micro(), sets)
+    seen = []
+    reconstruct = vae_stage.reconstruct
+    monkeypatch.setattr(vae_stage, "reconstruct",
+                        lambda m, x, *a, **k: (seen.append(tuple(x.shape)), reconstruct(m, x, *a, **k))[1])
+    state, rows, _ = _stopped_and_resumed(monkeypatch, vae_stage.run, cfg, tmp_path / "a", tmp_path / "b", "vae",
+                                          ("loss",), lambda root: load_vae(output(root, "vae")))
+    assert state["step"] == 6
+    assert seen[:4] == [(cfg.vae.batch * 4, 3, 1, 16, 16)] * 4  # the image phase
+    assert all(s[2] > 1 for s in seen[4:8])  # then clips
+    assert [r["step"] for r in rows] == list(range(8))
+
+
+def test_autocast_runs_the_loss_in_bfloat16_and_keeps_float32_weights(micro_run, tmp_path):
+    """LoopConfig.autocast: the teacher's loss runs under bfloat16 autocast; it trains (finite, falling losses
+    close to the float32 run's first ones) and the saved weights stay float32."""
+    src = micro_run[0]
+    runs = {}
+    for flag in (False, True):
+        root = tmp_path / str(flag)
+        _copy_prereqs(src, root)
+        run_stage("teacher", apply_overrides(micro(), [f"teacher.autocast={str(flag).lower()}",
+                                                       "teacher.log_every=1"]), root)
+        runs[flag] = [json.loads(l)["loss"] for l in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
+        assert load_dit(output(root, "teacher")).patch_embedding.weight.dtype == torch.float32
+    low, ref = runs[True], runs[False]
+    assert all(torch.isfinite(torch.tensor(low))) and low != ref
+    assert abs(low[0] - ref[0]) < 0.05 * ref[0]
+    assert sum(low[-5:]) < sum(low[:5])

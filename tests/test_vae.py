@@ -359,3 +359,48 @@ def test_bench_reports_exactness_and_rates():
     assert r["preset"] == "wan-tiny" and r["threads"] >= 1
     assert r["stream_vs_full_max_abs"] <= 1e-5
     assert r["decode_fps_16"] > 0 and r["encode_fps_16"] > 0
+
+
+# -- circular padding (a torus world) --------------------------------------------------------------
+
+def test_circular_padding_commutes_with_whole_latent_cell_rolls(tmp_path):
+    """With padding "circular" every conv wraps around, so rolling a video by whole latent cells (8 px) rolls
+    its latent by as many cells, and the decode likewise, exactly: an object crossing the frame's edge is coded
+    as one in the middle. Zero padding (Wan's) does not do this. The padding survives a save / load."""
+    import torch.nn.functional as F
+    from causvid_core.vae_layers import wrap_pad
+    x = torch.randn(2, 3, 2, 6, 7)
+    assert torch.equal(wrap_pad(x, (1, 2, 3, 0)), F.pad(x, (1, 2, 3, 0, 0, 0), mode="circular"))
+    cfg = VAE_PRESETS["shapes"].replace(padding="circular")
+    circ, zeros = random_vae(cfg, seed=3), random_vae(VAE_PRESETS["shapes"], seed=3)
+    v = video(9, 32, 48, seed=4)
+    rolled = torch.roll(v, (8, 24), dims=(3, 4))
+    with torch.no_grad():
+        z = circ.encode(v)
+        assert torch.allclose(torch.roll(z, (1, 3), dims=(3, 4)), circ.encode(rolled), atol=1e-5)
+        y = circ.decode(z, clamp=False)
+        y_rolled = circ.decode(torch.roll(z, (1, 3), dims=(3, 4)), clamp=False)
+        assert torch.allclose(torch.roll(y, (8, 24), dims=(3, 4)), y_rolled, atol=1e-5)
+        z0 = zeros.encode(v)
+        assert (torch.roll(z0, (1, 3), dims=(3, 4)) - zeros.encode(rolled)).abs().max() > 1e-2
+    save_vae(circ, tmp_path / "c.safetensors")
+    back = load_vae(tmp_path / "c.safetensors")
+    assert back.config.padding == "circular"
+    with torch.no_grad():
+        assert torch.equal(back.encode(v), z)
+    with pytest.raises(ValueError, match="padding"):
+        VAEConfig(padding="reflect")
+
+
+def test_bfloat16_autocast_convs_follow_the_float32_ones():
+    """Under CPU autocast every conv (circular ones too) runs in bfloat16 and stays close to float32."""
+    cfg = VAE_PRESETS["shapes"].replace(padding="circular")
+    vae = random_vae(cfg, seed=5)
+    v = video(5, 32, 32, seed=6)
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(v), clamp=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = vae.decode(vae.encode(v), clamp=False)
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).abs().mean() / ref.abs().mean()
+    assert 0 < err < 0.05, err

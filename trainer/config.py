@@ -230,9 +230,9 @@ def micro() -> TrainConfig:
     """Every stage for real at the smallest size that still exercises it: minutes on 2 CPU cores."""
     return TrainConfig(
         name="micro",
-        data=DataConfig(clip_frames=9, num_clips=32),
-        vae=VAEStage(preset="wan-tiny", steps=30, batch=4, lr=2e-3, clip_frames=5, burn_in_frames=4, log_every=5,
-                     ckpt_every=10,
+        data=DataConfig(clip_frames=9, num_clips=32, roll=True),
+        vae=VAEStage(preset="wan-tiny", overrides=dict(padding="circular"), steps=30, batch=4, lr=2e-3,
+                     clip_frames=5, burn_in_frames=4, image_steps=10, image_crop=16, log_every=5, ckpt_every=10,
                      stats_clips=8),
         vae_decoder=VAEDecoderStage(steps=6, batch=2, lr=1e-3, decoder_res_blocks=2, adv_weight=0.5, adv_start=2,
                                     disc_channels=(8, 16, 16), log_every=2, ckpt_every=3),
