@@ -41,6 +41,10 @@ def conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
     if circular and (ph or pw):
         x = wrap_pad(_autocast_input(x), (pw, pw, ph, ph))
         padding = (padding[0], 0, 0)
+    if x.device.type == "cpu" and x.dtype == torch.float16 and not torch.is_autocast_enabled("cpu"):
+        # CPUs without AVX512-FP16 have no fast float16 conv (PyTorch's fallback was ~160x slower than
+        # float32 here): compute in float32, return float16
+        return conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding).half()
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")):
         return torch.mkldnn_convolution(x.contiguous(), weight, bias, padding, stride, (1, 1, 1), 1)
