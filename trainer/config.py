@@ -252,10 +252,10 @@ def micro() -> TrainConfig:
 
 
 def shapes() -> TrainConfig:
-    """The built-in model, on 2 CPU cores alone, aimed at the 2.5 h budget (session 13's layout). Per stage, as
-    planned from step times measured on this machine (AMD EPYC, bfloat16 autocast): VAE ~36 min (600 image
-    steps at 0.62 s, 1400 video steps at 1.3 s), teacher ~56 (12000 steps at ~0.28 s), ODE pairs ~13 (32 teacher
-    steps, compiled), ODE init ~10, DMD ~5, the rest ~8. Sessions 1-12's layout (a zero-padded VAE on whole
+    """The built-in model, on 2 CPU cores alone, aimed at the 2.5 h budget (session 13's layout). Measured in
+    runs/s13 on this machine (AMD EPYC, bfloat16 autocast; DONE.json seconds): VAE 37.4 min, text 0.1, teacher
+    81.5 (12000 steps at ~0.37 s plus ~6 min encoding the 2048 clips), causal teacher 1.9, ODE pairs 14.4 (32
+    teacher steps, compiled), ODE init 10.2, DMD 6.5: 2.53 h. Sessions 1-12's layout (a zero-padded VAE on whole
     frames, a 2000-step decoder stage, an 18000-step float32 teacher) took 4.5-5.5 h."""
     return TrainConfig(
         name="shapes",
