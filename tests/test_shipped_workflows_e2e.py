@@ -30,10 +30,7 @@ SHAPE_MARGIN = 0.02  # mean-IoU lead of the detected shape over the runner-up th
 # Shapes the committed model does not draw clearly in a workflow (issue 6 is open; docs/RESULTS.md "Shapes"):
 # the workflow must still run to success with the right frames, colour, motion and background; its shape
 # check is expected to fail (xfail) and the test fails when it starts to pass, so this list cannot go stale.
-KNOWN_GAPS = {
-    "endless_stream": "the red circle of the endless stream (seed 0) fits a circle only 0.002 IoU better than the next "
-                      "shape in its last chunk and 0.011 over the whole stream (a tie below 0.02)",
-}
+KNOWN_GAPS: dict[str, str] = {}  # name -> why; empty since the runs/s13 model (endless_stream now draws its circle)
 
 
 @pytest.fixture(scope="module")

@@ -689,3 +689,12 @@ def test_autocast_runs_the_loss_in_bfloat16_and_keeps_float32_weights(micro_run,
     assert all(torch.isfinite(torch.tensor(low))) and low != ref
     assert abs(low[0] - ref[0]) < 0.05 * ref[0]
     assert sum(low[-5:]) < sum(low[:5])
+
+
+def test_optional_stages_with_no_steps_are_left_out_of_the_run():
+    """vae-decoder, teacher-refine and causal-teacher at steps 0 are off: the pipeline skips them and the
+    training-time table does not list them as 'not recorded'."""
+    from trainer.pipeline import active_stages
+    off = apply_overrides(micro(), ["vae_decoder.steps=0", "teacher_refine.steps=0", "causal_teacher.steps=0"])
+    assert active_stages(off) == ["vae", "text", "teacher", "ode-pairs", "ode-init", "dmd", "export"]
+    assert {"vae-decoder", "teacher-refine", "causal-teacher"} <= set(active_stages(micro()))

@@ -33,7 +33,8 @@ def run_stage(name: str, cfg: TrainConfig, root: str | Path, accelerator=None) -
 
 def active_stages(cfg: TrainConfig) -> list[str]:
     """The stages this config runs, in order (the optional ones with steps 0 are left out)."""
-    off = {"causal-teacher": cfg.causal_teacher.steps <= 0, "teacher-refine": cfg.teacher_refine.steps <= 0}
+    off = {"vae-decoder": cfg.vae_decoder.steps <= 0, "causal-teacher": cfg.causal_teacher.steps <= 0,
+           "teacher-refine": cfg.teacher_refine.steps <= 0}
     return [name for name in STAGES if not off.get(name, False)]
 
 
