@@ -416,3 +416,11 @@ def test_a_float16_vae_on_the_cpu_computes_its_convs_in_float32(tiny):
         low = half.decode(z.half(), clamp=False)
     assert low.dtype == torch.float16
     assert (low.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+    # the conv itself: exactly the float32 conv rounded once, circular wrap included
+    from causvid_core.vae_layers import conv3d
+    g = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*shape, generator=g).half() for shape in ((1, 8, 3, 6, 6), (8, 8, 3, 3, 3), (8,)))
+    for circular in (False, True):
+        got = conv3d(x, w, b, padding=(0, 1, 1), circular=circular)
+        want = conv3d(x.float(), w.float(), b.float(), padding=(0, 1, 1), circular=circular).half()
+        assert got.dtype == torch.float16 and torch.equal(got, want), circular
