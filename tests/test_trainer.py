@@ -691,6 +691,46 @@ def test_autocast_runs_the_loss_in_bfloat16_and_keeps_float32_weights(micro_run,
     assert sum(low[-5:]) < sum(low[:5])
 
 
+def test_a_stages_attention_kernel_runs_its_dits_and_trains_as_the_default(micro_run, tmp_path, monkeypatch):
+    """<stage>.attention: the teacher, causal-teacher, ODE-init and DMD stages run every DiT they train or query
+    with that kernel (here "math"), and the teacher's losses and weights match the default kernel's (float32)."""
+    from causvid_core import attention as attn
+    src = micro_run[0]
+    calls = {"math": 0}
+
+    def counted(q, k, v):
+        calls["math"] += 1
+        return attn.math_attention(q, k, v)
+
+    monkeypatch.setitem(attn.ATTENTION_BACKENDS, "math", counted)
+    base = ["teacher.steps=4", "teacher.log_every=1", "teacher_refine.steps=0", "causal_teacher.steps=2",
+            "ode_init.steps=2", "dmd.steps=2"]
+    runs = {}
+    for kernel in ("sdpa", "math"):
+        root = tmp_path / kernel
+        _copy_prereqs(src, root)
+        shutil.copytree(src / "ode-pairs", root / "ode-pairs")
+        cfg = apply_overrides(micro(), base + [f"{s}.attention={kernel}" for s in
+                                               ("teacher", "causal_teacher", "ode_init", "dmd")])
+        seen = {}
+        for stage in ("teacher", "causal-teacher", "ode-init", "dmd"):
+            before = calls["math"]
+            run_stage(stage, cfg, root)
+            seen[stage] = calls["math"] - before
+        runs[kernel] = (_losses(root), load_dit(output(root, "teacher")).state_dict())
+        if kernel == "sdpa":
+            assert set(seen.values()) == {0}, seen
+        else:
+            assert all(n > 0 for n in seen.values()), seen
+    (ref_losses, ref_w), (losses, w) = runs["sdpa"], runs["math"]
+    assert [s for s, _ in losses] == [0, 1, 2, 3]
+    assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(ref_losses, losses))
+    assert all(torch.allclose(ref_w[k], w[k], atol=1e-5) for k in ref_w)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        _copy_prereqs(src, tmp_path / "bad")
+        run_stage("teacher", apply_overrides(micro(), ["teacher.attention=flash"]), tmp_path / "bad")
+
+
 def test_optional_stages_with_no_steps_are_left_out_of_the_run():
     """vae-decoder, teacher-refine and causal-teacher at steps 0 are off: the pipeline skips them and the
     training-time table does not list them as 'not recorded'."""

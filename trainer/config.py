@@ -34,6 +34,12 @@ class LoopConfig:
     # 2 CPU cores (AMD EPYC, AVX-512 BF16; session 13): a shapes teacher step 0.361 -> 0.269 s, a VAE step
     # on 32x32 windows 1.69 -> 0.97 s (1 thread)
     autocast: bool = False
+    # the attention kernel of the stage's DiTs (causvid_core.attention: "sdpa" | "math"); a compute choice, not
+    # saved with the weights. Shapes preset, bfloat16 autocast, 2 CPU cores (session 15): a teacher step (120
+    # steps, twice each) 0.38-0.43 s with torch's fused CPU kernel ("sdpa"), 0.28-0.30 s with "math" (the fused
+    # kernel's backward is the slow part); a DMD step 0.735 -> 0.690 s. Forward alone "math" is no faster: the
+    # ODE pairs' compiled sampling (not a loop stage: it keeps "sdpa") took 29 -> 36 s a batch of 32 with it
+    attention: str = "sdpa"
 
 
 @dataclass
@@ -281,7 +287,7 @@ def shapes() -> TrainConfig:
         # EMA weights and an annealed lr: the constant-lr raw weights of 7500 steps scored 35% all-four
         # (sessions 1-12: 18000 steps, decay from 8000, float32)
         teacher=TeacherStage(steps=12000, batch=16, lr=3e-4, ema=0.999, decay_from=5000, autocast=True,
-                             log_every=20, ckpt_every=200),
+                             attention="math", log_every=20, ckpt_every=200),
         # Off (steps 0; turn on with --set teacher_refine.steps=4000). The teacher's 2048 clips, seen ~140 times
         # each, fit it 13-17% better than fresh ones (sigma 0.3-0.85). 4000 steps on 10240 clips (11 min to
         # encode, 19 to train) cut the fresh-clip loss 5-6% and lifted the teacher from 21 to 24/48 all-four
@@ -293,7 +299,8 @@ def shapes() -> TrainConfig:
         # from noise; triangles 0 of 12 from noise).
         teacher_refine=TeacherRefineStage(steps=0, batch=16, lr=2e-4, num_clips=10240, warmup=100, ema=0.998,
                                           log_every=20, ckpt_every=200),
-        causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, autocast=True, log_every=20, ckpt_every=100),
+        causal_teacher=CausalTeacherStage(steps=300, batch=16, lr=1e-4, autocast=True, attention="math",
+                                          log_every=20, ckpt_every=100),
         # 768 pairs: ODE init memorised (0% held out). Shape-contrastive guidance (+1.5 x (square - mean of
         # circle, triangle) for a square): the teacher draws squares 10/16 instead of 2/16, all-four 29/48
         # instead of 21/48 (triangles stay circles); at 3 the distilled student drew squares too big to find
@@ -307,7 +314,8 @@ def shapes() -> TrainConfig:
         # It varies from run to run: session 10's run (restored teacher, new pairs) got 37.5% after ODE init
         # (colour and motion 73%, triangles 8 of 20) against 50.0% without it (triangles 1 of 20); after DMD 70.8%.
         ode_init=ODEInitStage(steps=1000, batch=16, lr=1e-4, adv_weight=0.5, adv_start=200,
-                              mismatch_words=[list(SHAPE_WORDS)], autocast=True, log_every=20, ckpt_every=100),
+                              mismatch_words=[list(SHAPE_WORDS)], autocast=True, attention="math", log_every=20,
+                              ckpt_every=100),
         # Self-Forcing's generator input (the student's own cached rollout): against CausVid's noised data it
         # kept in-distribution all-four (45.8% vs 47.9%, n=48) and lifted held-out pairs 33.3% -> 45.8% (n=24)
         # How far DMD moves the student: with gen_every 5, 600 steps are 120 generator updates. Session 10 (a run
@@ -327,7 +335,7 @@ def shapes() -> TrainConfig:
         # lr 8e-5 84.9% / 0.0% (colour 88.5% -> 97.9%, shape 87.0% both): a stronger DMD fixes colours, not shapes.
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
                      ema_start=100, generator_input="rollout", contrast=1.5, contrast_words=[list(SHAPE_WORDS)],
-                     autocast=True, log_every=10, ckpt_every=100),
+                     autocast=True, attention="math", log_every=10, ckpt_every=100),
         # the rolling window of endless streams: the context the model trained on (9 latent frames: two past
         # chunks + the current one). Ten 30-chunk streams: colour, background or motion wrong in 16/300 chunks
         # at 9 + 0 (16 at 12 + 0, 27 at 12 + 3); with the student before contrastive guidance 9 / 24 / 32

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 
 from ..config import TrainConfig
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
-from .common import encode, grid_index, load_frozen, output, require, teacher_stage
+from .common import encode, grid_index, load_frozen, output, require, stage_dit, teacher_stage
 from .teacher import check_roll, latent_batch, latent_set
 from causvid_core.text import load_text_encoder
 
@@ -31,8 +31,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc, chunk = cfg.causal_teacher, cfg.student.chunk_frames
     text = load_frozen(require(root, "text"), load_text_encoder)
     data = latent_set(cfg, root, r)
-    model = load_dit(require(root, teacher_stage(cfg))).train()
-    model.requires_grad_(True)
+    model = stage_dit(require(root, teacher_stage(cfg)), sc.attention)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)
     check_roll(cfg, root)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from causvid_core.checkpoints import load_dit
 from causvid_core.config import DiTConfig, dit_preset
 from causvid_core.flow import FlowGrid, step_preset
 from causvid_core.model import WanDiT
@@ -50,11 +51,18 @@ def dit_config(cfg: TrainConfig) -> DiTConfig:
     return dit_preset(cfg.dit.preset).replace(**cfg.dit.overrides)
 
 
-def new_dit(cfg: TrainConfig) -> WanDiT:
+def new_dit(cfg: TrainConfig, attention: str = "sdpa") -> WanDiT:
     torch.manual_seed(cfg.seed)  # every process builds the same initial weights
-    model = WanDiT(dit_config(cfg))
+    model = WanDiT(dit_config(cfg), attention=attention)
     model.init_weights()
     return model
+
+
+def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False) -> WanDiT:
+    """A DiT of an earlier stage running the given attention kernel (a stage's `attention`): in train mode
+    with gradients, or frozen (eval mode, no gradients)."""
+    model = load_dit(path, attention=attention)
+    return model.requires_grad_(False).eval() if frozen else model.train().requires_grad_(True)
 
 
 def load_frozen(path: Path, loader) -> torch.nn.Module:

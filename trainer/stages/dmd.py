@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from causvid_core.cache import KVCache
-from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.sampler import noise_seed
 from causvid_core.text import load_text_encoder
@@ -26,7 +26,8 @@ from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun, autocast
 from ..schedules import update_ema
-from .common import contrast_negatives, encode, grid_index, load_frozen, output, require, student_steps, teacher_stage
+from .common import (contrast_negatives, encode, grid_index, load_frozen, output, require, stage_dit, student_steps,
+                     teacher_stage)
 from .teacher import latent_set
 
 
@@ -78,10 +79,10 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     grid = FlowGrid(shift)
     text = load_frozen(require(root, "text"), load_text_encoder)
     teacher = teacher_stage(cfg)
-    gen = load_dit(require(root, "ode-init" if sc.init == "ode-init" else teacher)).train().requires_grad_(True)
-    critic = load_dit(require(root, teacher)).train().requires_grad_(True)
+    gen = stage_dit(require(root, "ode-init" if sc.init == "ode-init" else teacher), sc.attention)
+    critic = stage_dit(require(root, teacher), sc.attention)
     real_causal = sc.real_score == "causal-teacher"
-    real = load_frozen(require(root, "causal-teacher" if real_causal else teacher), load_dit)
+    real = stage_dit(require(root, "causal-teacher" if real_causal else teacher), sc.attention, frozen=True)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)

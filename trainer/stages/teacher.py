@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from causvid_core.checkpoints import load_dit, save_dit
+from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.text import load_text_encoder
 from causvid_core.vae import load_vae
@@ -20,7 +20,7 @@ from ..data import LatentSet, torus_roll
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
 from ..schedules import lr_at, update_ema
-from .common import encode, grid_index, load_frozen, new_dit, output, require
+from .common import encode, grid_index, load_frozen, new_dit, output, require, stage_dit
 
 REFINE_LATENTS = "latents-refine.safetensors"  # the teacher-refine stage's bigger clip set
 
@@ -76,7 +76,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc = cfg.teacher
     text = load_frozen(require(root, "text"), load_text_encoder)
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r))
-    model = new_dit(cfg)
+    model = new_dit(cfg, sc.attention)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if sc.ema else None
 
@@ -106,7 +106,7 @@ def refine(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                          f"({cfg.data.num_clips}), the teacher's own clips: refining on them adds nothing")
     text = load_frozen(require(root, "text"), load_text_encoder)
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r, sc.num_clips, REFINE_LATENTS))
-    model = load_dit(require(root, "teacher")).train().requires_grad_(True)
+    model = stage_dit(require(root, "teacher"), sc.attention)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema},
