@@ -26,7 +26,8 @@ from trainer.stages.common import output, vae_stage
 SECTIONS = ("# Results", "## What is weak", "## Teacher vs student", "## Speed: one clip end to end",
             "## Training time", "## Ablation (the paper's Table 4 at this scale)", "## Held-out colour-shape pairs",
             "## Shapes: what is drawn for each prompted shape", "## Long streams: drift", "## Prompt switches", "## Image-to-video", "## Video-to-video")
-TIMED = {"teacher-refine": 5400.0, "dmd": 4500.0}  # 2.75 h: over the 2.5 h target
+TIMED = {"teacher-refine": 5400.0, "dmd": 4500.0}
+RESTORED = {"text": {"seconds": 600.0, "seconds_from": "runs/old at abc1234"}, "vae-decoder": {}}  # 2.92 h in all
 STREAM = {"steps": [1000.0, 750.0, 500.0, 250.0], "shift": 5.0, "chunk_frames": 3}
 
 
@@ -44,6 +45,9 @@ def fake_run(root):
     save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval(), root / "text.safetensors")
     for stage, seconds in TIMED.items():  # two stages that timed themselves; the others did not
         (root / stage / "DONE.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
+    for stage, timed in RESTORED.items():  # `causvid-train restore`: with the published run's time, and without
+        (root / stage).mkdir(parents=True, exist_ok=True)
+        (root / stage / "DONE.json").write_text(json.dumps({"stage": stage, "restored_from": "builtin", **timed}))
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +81,11 @@ def test_results_md_has_every_section_and_ablation_row(report):
     assert "- Missed: the student's all-four accuracy" in weak  # random weights miss every target
     training = text.split("## Training time")[1].split("\n## ")[0]
     assert "| teacher-refine | 90.0 |" in training and "| dmd | 75.0 |" in training
-    assert "| vae | not recorded |" in training and "| all stages timed | 165.0 |" in training
-    assert "- Missed: training the run took 2.75 h on this machine in its timed stages alone" in weak
-    assert "Training time not recorded for vae, vae-decoder, text, teacher, " in weak
+    assert "| vae | not recorded |" in training and "| all stages timed | 175.0 |" in training
+    assert "| text (restored: the time of runs/old at abc1234) | 10.0 |" in training
+    assert "| vae-decoder (restored) | not recorded |" in training and "the run it was published from" in training
+    assert "- Missed: training the run took 2.92 h on this machine in its timed stages alone" in weak
+    assert "Training time not recorded for vae, vae-decoder, teacher, " in weak
 
 
 def test_shape_confusion_counts_every_clip_of_the_teacher_student_and_vae(report):

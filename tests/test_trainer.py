@@ -295,6 +295,22 @@ def test_ablation_variants_share_the_main_run_and_publish_writes_a_small_float16
     from trainer.pipeline import run_stage
     run_stage("ode-pairs", cfg, again)  # the restored run goes on; nothing encoded its data set yet
     assert (again / "ode-pairs" / "DONE.json").exists() and (again / "latents.safetensors").exists()
+    # restored without a config: no time claimed; with the published run's config, each stage keeps the time
+    # that run measured, unless the config trains it differently (then the run's total must not count it)
+    from trainer.pipeline import restored_stages
+    assert "seconds" not in json.loads((again / "vae" / "DONE.json").read_text())
+    assert restored_stages(micro(), again)["vae"] is None
+    part = tmp_path / "part"
+    changed = apply_overrides(micro(), ["text.steps=7"])
+    assert restore(part, tmp_path / "builtin", changed, stages=["vae", "text"]) == ["vae", "text"]
+    assert sorted(p.name for p in part.iterdir()) == ["text", "vae"]  # the teacher is left to train anew
+    vae_done = json.loads((part / "vae" / "DONE.json").read_text())
+    assert vae_done["seconds"] == prov["stages"]["vae"]["seconds"] and vae_done["seconds"] > 0
+    assert "seconds" not in json.loads((part / "text" / "DONE.json").read_text())  # text.steps differs
+    assert restored_stages(changed, part) == {"vae": vae_done["seconds_from"], "text": None}
+    assert stage_seconds(changed, part)["vae"] == vae_done["seconds"]
+    with pytest.raises(ValueError, match="cannot restore"):
+        restore(part, tmp_path / "builtin", changed, stages=["dmd"])
 
 
 def _copy_prereqs(src: Path, dst: Path) -> None:

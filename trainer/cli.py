@@ -6,6 +6,7 @@
     causvid-train results --preset shapes --out runs/shapes    # regenerate docs/RESULTS.md from the run
     causvid-train publish --preset shapes --out runs/shapes    # the run -> causvid_core/builtin/ (float16)
     causvid-train restore --preset shapes --out runs/new       # builtin VAE/text/teacher -> finished stages
+    causvid-train restore --preset shapes --out runs/new --stages vae,text   # just these (the teacher trains anew)
     causvid-train diagnose --preset shapes --out runs/shapes   # where the teacher loses prompts (JSON)
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
@@ -31,7 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="run folder (each stage writes a subfolder; reruns resume)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override a config field, e.g. --set dmd.steps=200")
-    p.add_argument("--stages", help="pipeline: comma list of stages to run (default: all)")
+    p.add_argument("--stages", help="pipeline: comma list of stages to run (default: all); restore: of stages to restore "
+                                      "(default: vae, vae-decoder, text, teacher, teacher-refine)")
     p.add_argument("--variants", help="ablation: comma list of variants (default: all)")
     p.add_argument("--doc", help="results: the markdown file to write (default: docs/RESULTS.md of this checkout); "
                                  "plots and results.json go to results/ beside it")
@@ -53,8 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stage == "restore":
         from .publish import restore
         try:
-            print(json.dumps({"restored": restore(args.out, args.dest or BUILTIN_DIR)}))
-        except FileNotFoundError as exc:
+            stages = args.stages.split(",") if args.stages else None
+            print(json.dumps({"restored": restore(args.out, args.dest or BUILTIN_DIR, cfg, stages)}))
+        except (FileNotFoundError, ValueError) as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2
     elif args.stage == "publish":

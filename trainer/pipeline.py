@@ -48,6 +48,18 @@ def stage_seconds(cfg: TrainConfig, root: str | Path) -> dict[str, Optional[floa
     return out
 
 
+def restored_stages(cfg: TrainConfig, root: str | Path) -> dict[str, Optional[str]]:
+    """The finished stages of the run restored from published files (`causvid-train restore`), each with the
+    run whose measured time its DONE.json carries (None: restored without a time)."""
+    out: dict[str, Optional[str]] = {}
+    for name in active_stages(cfg):
+        done = Path(root) / name / "DONE.json"
+        info = json.loads(done.read_text()) if done.exists() else {}
+        if "restored_from" in info:
+            out[name] = info.get("seconds_from")
+    return out
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`section.field: old -> new` for every setting that differs between two config dicts."""
     out = []
@@ -87,7 +99,9 @@ def run_pipeline(cfg: TrainConfig, root: str | Path, stages=None, accelerator=No
         log(f"[pipeline] {name}: {times[name]:.1f} s")
     spent = stage_seconds(cfg, root)
     untimed = [k for k, v in spent.items() if v is None]
+    restored = restored_stages(cfg, root)
     log(f"[pipeline] training time of the run (all its stages, resumed work included): "
         f"{sum(v for v in spent.values() if v) / 3600:.2f} h"
-        + (f"; not timed: {', '.join(untimed)}" if untimed else ""))
+        + (f"; not timed: {', '.join(untimed)}" if untimed else "")
+        + "".join(f"; {k} restored (time of {v})" for k, v in restored.items() if v))
     return times

@@ -11,7 +11,7 @@ import hashlib
 import json
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ from causvid_core.pipeline import BUILTIN_DIR, BUILTIN_FILES, read_checkpoint_me
 from causvid_core.text import load_text_encoder, save_text_encoder
 from causvid_core.vae import load_vae, save_vae
 
+from .config import TrainConfig
 from .run import atomic_write_text
 from .stages.common import output, require
 
@@ -83,24 +84,61 @@ def publish(root: str | Path, dest: str | Path = BUILTIN_DIR, teacher: Optional[
     return sizes
 
 
-def restore(root: str | Path, src: str | Path = BUILTIN_DIR) -> list[str]:
+# The config sections each restorable stage's training reads (besides the run's seed): a published stage's
+# time counts for a restored run only when these match, since they fix how long the stage trains.
+RESTORE_SECTIONS = {"vae": ("vae", "data"), "vae-decoder": ("vae_decoder", "vae", "data"), "text": ("text",),
+                    "teacher": ("teacher", "data", "dit"),
+                    "teacher-refine": ("teacher_refine", "teacher", "data", "dit")}
+
+
+def _published_seconds(provenance: dict, stage: str, cfg: Optional[TrainConfig]) -> Optional[float]:
+    """The wall-clock seconds the published run spent on `stage`, if cfg trains that stage exactly as the
+    published run did (its config, defaults filled in for fields added since, matches on the stage's sections
+    and the seed); None otherwise."""
+    published, timing = provenance.get("config"), provenance.get("stages", {}).get(stage, {})
+    if cfg is None or published is None or timing.get("seconds") is None:
+        return None
+    try:
+        old, new = TrainConfig.from_dict(published).to_dict(), cfg.to_dict()
+    except (TypeError, AttributeError):  # a config of fields this version no longer has: not comparable
+        return None
+    same = old["seed"] == new["seed"] and all(old[k] == new[k] for k in RESTORE_SECTIONS[stage])
+    return timing["seconds"] if same else None
+
+
+def restore(root: str | Path, src: str | Path = BUILTIN_DIR, cfg: Optional[TrainConfig] = None,
+            stages: Optional[Sequence[str]] = None) -> list[str]:
     """The reverse, to continue training on another machine: the published VAE, text encoder and teacher
     become the finished vae, vae-decoder, text, teacher and teacher-refine stages of run folder `root` (float32,
     each with a DONE.json), so `causvid-train pipeline` goes on from the causal teacher / ODE pairs. The
     published VAE carries the VAE stage's encoder unchanged, so it stands in for both VAE stages; the published
-    teacher is the final one, refined or not, so it stands in for both teacher stages."""
+    teacher is the final one, refined or not, so it stands in for both teacher stages. `stages` picks some of
+    them (the others then train anew). With `cfg`, a stage that cfg trains as the published run did keeps that
+    run's wall-clock `seconds` in its DONE.json (with `seconds_from`), so the run's training time stays whole."""
     root, src = Path(root), Path(src)
+    unknown = sorted(set(stages or ()) - set(RESTORE_SECTIONS))
+    if unknown:
+        raise ValueError(f"cannot restore {unknown}: the published files hold {', '.join(RESTORE_SECTIONS)}")
+    wanted = list(stages or RESTORE_SECTIONS)
     teacher_src = src / TEACHER_FILE
-    if not teacher_src.exists():
+    if {"teacher", "teacher-refine"} & set(wanted) and not teacher_src.exists():
         raise FileNotFoundError(f"{src} has no {TEACHER_FILE}: it was published without the teacher")
-    vae = load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32)
-    teacher = load_dit(teacher_src, dtype=torch.float32)
-    models = {"vae": (save_vae, vae), "vae-decoder": (save_vae, vae),
-              "text": (save_text_encoder, load_text_encoder(src / BUILTIN_FILES["text_encoder"])),
-              "teacher": (save_dit, teacher), "teacher-refine": (save_dit, teacher)}
-    for stage, (save, model) in models.items():
+    prov_path = src / "PROVENANCE.json"
+    provenance = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+    loaders = {"vae": (save_vae, lambda: load_vae(src / BUILTIN_FILES["vae"], dtype=torch.float32)),
+               "text": (save_text_encoder, lambda: load_text_encoder(src / BUILTIN_FILES["text_encoder"])),
+               "teacher": (save_dit, lambda: load_dit(teacher_src, dtype=torch.float32))}
+    restored = []
+    for stage in RESTORE_SECTIONS:
+        if stage not in wanted:
+            continue
+        save, load = loaders[stage.split("-")[0]]
         path = output(root, stage)
-        save(model, path)
-        atomic_write_text(path.parent / "DONE.json",
-                          json.dumps({"stage": stage, "model": str(path), "restored_from": str(src)}))
-    return list(models)
+        save(load(), path)
+        done = {"stage": stage, "model": str(path), "restored_from": str(src)}
+        seconds = _published_seconds(provenance, stage, cfg)
+        if seconds is not None:
+            done.update(seconds=seconds, seconds_from=f"{provenance.get('run')} at {provenance.get('commit')}")
+        atomic_write_text(path.parent / "DONE.json", json.dumps(done))
+        restored.append(stage)
+    return restored

@@ -41,7 +41,7 @@ from causvid_core.schedule import SWITCH_MODES
 
 from .ablation import variant_root
 from .config import TrainConfig
-from .pipeline import stage_seconds
+from .pipeline import restored_stages, stage_seconds
 from .publish import STORED_DTYPE
 from .results_doc import DEFAULT_DOC, weak_points, write_outputs
 from .stages.common import contrast_negatives, output, student_steps, teacher_stage
@@ -682,6 +682,7 @@ def run_results(cfg: TrainConfig, root: str | Path, doc: str | Path | None = Non
             main = components
     res["rows"] = rows
     res["training"] = stage_seconds(cfg, root)
+    res["training_restored"] = restored_stages(cfg, root)
     res["ceilings"] = timed("ceilings", evaluate_ceilings, main, counts)
     res["speed"] = timed("speed", measure_speed, main, counts)
     res["drift"] = timed("drift", run_drift, main, counts)

@@ -273,14 +273,19 @@ def section_speed(res: dict) -> str:
 
 
 def section_training(res: dict) -> str:
-    spent = res["training"]
+    spent, restored = res["training"], res.get("training_restored", {})
     timed = [v for v in spent.values() if v is not None]
-    rows = [[k, "not recorded" if v is None else _f(v / 60, 1)] for k, v in spent.items()]
+    rows = [[k + (f" (restored: the time of {restored[k]})" if restored.get(k) else
+                  " (restored)" if k in restored else ""),
+             "not recorded" if v is None else _f(v / 60, 1)] for k, v in spent.items()]
     rows.append(["all stages" + (" timed" if len(timed) < len(spent) else ""), _f(sum(timed) / 60, 1)])
     return ("## Training time\n\n"
             f"Wall-clock minutes each stage of the run took on this machine (its DONE.json `seconds`: every process "
             f"that ran it, counted up to its last checkpoint), against the {res['targets']['pipeline_hours']} h "
-            "target for the whole pipeline.\n\n" + md_table(["stage", "minutes"], rows))
+            "target for the whole pipeline."
+            + (" A stage restored from published files (`causvid-train restore`) shows the time the run it was "
+               "published from measured, on that run's machine, when this run's config trains it the same way."
+               if restored else "") + "\n\n" + md_table(["stage", "minutes"], rows))
 
 
 def section_ablation(res: dict) -> str:
