@@ -391,6 +391,25 @@ def default_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted: the writer emits them in hash order,
+    which changes from process to process, so the same weights would give other bytes (and a new blob in git)
+    each time they are saved. Same length, same data offsets; left alone if the re-encoded header differs in
+    length (an encoding the writer spelt otherwise)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text))
+        if len(text) == n:
+            f.seek(8)
+            f.write(text)
+
+
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
                             metadata: Optional[dict[str, str]] = None) -> None:
     """Write to a temporary file beside `path`, then rename: never a half-written checkpoint."""
@@ -402,6 +421,7 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _sort_metadata(Path(tmp))
         default_permissions(tmp)  # after writing: the writer may recreate the file
         os.replace(tmp, p)
     except BaseException:

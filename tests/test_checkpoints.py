@@ -828,3 +828,19 @@ def test_written_files_get_umask_permissions_not_owner_only(tmp_path, tiny):
         os.umask(old)
     for name in ("m.safetensors", "DONE.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_saved_files_are_byte_identical_whatever_the_metadata_order(tmp_path):
+    """safetensors writes metadata in hash order, which varies between processes: republishing unchanged
+    weights then made new bytes (a new blob in git). Keys come out sorted, so the bytes depend on content only."""
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    keys = [f"causvid.k{i:02d}" for i in range(12)]
+    meta = {k: f"value é {i}" for i, k in enumerate(keys)}
+    atomic_save_safetensors(tensors, tmp_path / "one.safetensors", meta)
+    atomic_save_safetensors(tensors, tmp_path / "two.safetensors", dict(reversed(list(meta.items()))))
+    one, two = (tmp_path / "one.safetensors").read_bytes(), (tmp_path / "two.safetensors").read_bytes()
+    assert one == two
+    n = int.from_bytes(one[:8], "little")
+    assert list(json.loads(one[8:8 + n])["__metadata__"]) == sorted(keys)
+    raw = read_checkpoint(tmp_path / "one.safetensors")
+    assert raw.metadata == meta and torch.equal(raw.tensors["b"], tensors["b"])
