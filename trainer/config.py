@@ -258,11 +258,15 @@ def micro() -> TrainConfig:
 
 
 def shapes() -> TrainConfig:
-    """The built-in model, on 2 CPU cores alone, aimed at the 2.5 h budget (session 13's layout). Measured in
-    runs/s13 on this machine (AMD EPYC, bfloat16 autocast; DONE.json seconds): VAE 37.4 min, text 0.1, teacher
-    81.5 (12000 steps at ~0.37 s plus ~6 min encoding the 2048 clips), causal teacher 1.9, ODE pairs 14.4 (32
-    teacher steps, compiled), ODE init 10.2, DMD 6.5: 2.53 h. Sessions 1-12's layout (a zero-padded VAE on whole
-    frames, a 2000-step decoder stage, an 18000-step float32 teacher) took 4.5-5.5 h."""
+    """The built-in model, on 2 CPU cores alone, within the 2.5 h budget (session 13's layout). DONE.json seconds,
+    bfloat16 autocast. runs/s16 (an AMD EPYC of session 16): VAE 37.4 min and text 0.1 (restored from runs/s13's
+    published files, same config, with that run's times), teacher 66.3 (15000 steps at ~0.245 s with the "math"
+    attention kernel plus ~5 min encoding the 2048 clips), causal teacher 1.3, ODE pairs 13.0 (32 teacher steps,
+    compiled), ODE init 7.0, DMD 4.8: 2.16 h. runs/s17 (the same, from a clean checkout on an AVX-512 / bf16 EPYC,
+    family 26): teacher 34.3, causal teacher 0.7, ODE pairs 7.2, ODE init 3.9, DMD 2.6: 1.44 h with the VAE's
+    37.4; its student and every number of docs/RESULTS.md came out identical to runs/s16's. runs/s13 (12000
+    teacher steps at ~0.37 s with sdpa) took 2.53 h; sessions 1-12's layout (a zero-padded VAE on whole frames,
+    a 2000-step decoder stage, an 18000-step float32 teacher) 4.5-5.5 h."""
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048, roll=True),
@@ -334,6 +338,11 @@ def shapes() -> TrainConfig:
         # pixels still showed small, soft triangles read as circles (dropped, not committed).
         # Session 14, on runs/s13 (this layout; `causvid eval`, 192 / 48 prompts): lr 2e-5 (published) 78.6% / 8.3%,
         # lr 8e-5 84.9% / 0.0% (colour 88.5% -> 97.9%, shape 87.0% both): a stronger DMD fixes colours, not shapes.
+        # Session 17, on runs/s17 (the published run), validation prompts disjoint from RESULTS.md's (prompt seeds
+        # +10 / +11, 192 / 48, float16 weights), all-four in distribution / held-out: as published 87.5% / 16.7%
+        # (shape 90.6%); DMD 1200 steps 85.9% / 16.7% (colour 99.5%, shape 87.0%); DMD lr 4e-5 88.0% / 20.8%;
+        # ODE init adv_weight 1.0 81.2% / 16.7%; ODE pairs contrast 2.0 85.4% / 20.8%. All within the noise
+        # (+-5 points) or worse; the shape, at ~90% like the teacher's, is what holds the student under 90%.
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
                      ema_start=100, generator_input="rollout", contrast=1.5, contrast_words=[list(SHAPE_WORDS)],
                      autocast=True, attention="math", log_every=10, ckpt_every=100),
