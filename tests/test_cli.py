@@ -81,12 +81,17 @@ def test_generate_errors_say_what_to_do(files, tmp_path, args, message):
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_generate_without_a_model_names_the_missing_file(tmp_path, monkeypatch):
-    from causvid_core import pipeline
-    if pipeline.builtin_available():
-        pytest.skip("the built-in model is installed")  # then the default works; tested elsewhere
-    r = causvid("generate", "--prompt", "x", "--out", tmp_path / "x.mp4")
-    assert r.returncode == 2 and "--model" in r.stderr
+def test_generate_without_a_model_names_the_missing_file(tmp_path):
+    """An install without the built-in files (a partial checkout): the CLI points at --model. The built-in
+    folder is swapped for an empty one inside the CLI's own process."""
+    empty = tmp_path / "no_builtin"
+    empty.mkdir()
+    code = ("import sys; from pathlib import Path; from causvid_core import pipeline, cli; "
+            f"pipeline.BUILTIN_DIR = Path({str(empty)!r}); sys.exit(cli.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "generate", "--prompt", "x", "--out", str(tmp_path / "x.mp4")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "--model" in r.stderr, r.stderr
+    assert not (tmp_path / "x.mp4").exists()
 
 
 def test_stream_writes_segments_and_reports_latency(files, tmp_path):
