@@ -83,7 +83,7 @@ class Counts:
     teacher_batch: int = 4  # many-step clips sampled together after the timed ones
     timed_clips: int = 2  # many-step clips sampled alone: their time is the row's s per clip and latency
     frames: int = world.CLIP_FRAMES  # pixel frames of every clip (33 = 9 latent frames)
-    drift_streams: int = 2  # long streams per cache variant
+    drift_streams: int = 8  # long streams per cache variant (2 until session 18: one stream moved a row by 50 points)
     drift_chunks: int = 40
     drift_edge: int = 3  # chunks averaged at each end of a stream (first vs last)
     switch_pairs_per_kind: int = 4  # SWITCH_PAIRS used per changed attribute (there are 4 / 1 / 1)
