@@ -263,12 +263,13 @@ def shapes() -> TrainConfig:
     published files, same config, with that run's times), teacher 66.3 (15000 steps at ~0.245 s with the "math"
     attention kernel plus ~5 min encoding the 2048 clips), causal teacher 1.3, ODE pairs 13.0 (32 teacher steps,
     compiled), ODE init 7.0, DMD 4.8: 2.16 h. runs/s17 (the same, from a clean checkout on an AVX-512 / bf16 EPYC,
-    family 26): teacher 34.3, causal teacher 0.7, ODE pairs 7.2, ODE init 3.9, DMD 2.6: 1.44 h with the VAE's
-    37.4; its student and every number of docs/RESULTS.md came out identical to runs/s16's. runs/s18 (19000
-    teacher steps, the same machine as runs/s17): teacher 43.0 (~0.125 s a step), causal teacher 0.7, ODE pairs
-    7.1, ODE init 3.9, DMD 2.5: 1.58 h with the VAE's 37.4 (at runs/s16's ~0.245 s a step ~2.43 h). runs/s13 (12000
-    teacher steps at ~0.37 s with sdpa) took 2.53 h; sessions 1-12's layout (a zero-padded VAE on whole frames,
-    a 2000-step decoder stage, an 18000-step float32 teacher) 4.5-5.5 h."""
+    family 26): teacher 34.3, causal teacher 0.7, ODE pairs 7.2, ODE init 3.9, DMD 2.6: 1.44 h with the VAE's 37.4;
+    its student and every number of docs/RESULTS.md came out identical to runs/s16's. runs/s18 (19000 teacher steps,
+    the same machine as runs/s17): teacher 43.0 (~0.125 s a step), causal teacher 0.7, ODE pairs 7.1, ODE init 3.9,
+    DMD 2.5: 1.58 h with the VAE's 37.4 (at runs/s16's ~0.245 s a step ~2.43 h); the published runs/s18e reran its
+    ODE init and DMD with this preset's adversarial weight (4.6 and 3.0 min): 1.60 h. runs/s13 (12000 teacher steps
+    at ~0.37 s with sdpa) took 2.53 h; sessions 1-12's layout (a zero-padded VAE on whole frames, a 2000-step
+    decoder stage, an 18000-step float32 teacher) 4.5-5.5 h."""
     return TrainConfig(
         name="shapes",
         data=DataConfig(clip_frames=33, num_clips=2048, roll=True),
@@ -351,9 +352,10 @@ def shapes() -> TrainConfig:
         # (shape 90.6%); DMD 1200 steps 85.9% / 16.7% (colour 99.5%, shape 87.0%); DMD lr 4e-5 88.0% / 20.8%;
         # ODE init adv_weight 1.0 81.2% / 16.7%; ODE pairs contrast 2.0 85.4% / 20.8%. All within the noise
         # (+-5 points) or worse; the shape, at ~90% like the teacher's, is what holds the student under 90%.
-        # Session 18, on runs/s18 (19000-step teacher), the same validation prompts: as published 91.1% / 31.2%;
-        # DMD lr 4e-5 89.1% / 22.9%; lr 8e-5 90.1% / 20.8% (colour 99.0%, shape 90.6%); contrast 3.0 89.1% / 29.2%.
-        # On docs/RESULTS.md's prompts the published student scores 88.0% / 31.2%: ~90% is where this student sits.
+        # Session 18, on runs/s18 (19000-step teacher, ODE-init adversarial weight 0.5), the same validation prompts:
+        # as trained 91.1% / 31.2%; DMD lr 4e-5 89.1% / 22.9%; lr 8e-5 90.1% / 20.8% (colour 99.0%, shape 90.6%);
+        # contrast 3.0 89.1% / 29.2%. On docs/RESULTS.md's prompts runs/s18's student scored 88.0% / 31.2%, the
+        # published runs/s18e's (weight 0.25) 92.2% / 35.4%.
         dmd=DMDStage(steps=600, batch=8, lr=2e-5, lr_critic=1e-4, gen_every=5, guidance=2.0, ema=0.99,
                      ema_start=100, generator_input="rollout", contrast=1.5, contrast_words=[list(SHAPE_WORDS)],
                      autocast=True, attention="math", log_every=10, ckpt_every=100),
