@@ -28,6 +28,7 @@ The cross-attention K/V (per layer, computed once per prompt) lives here too and
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,6 +39,29 @@ from .config import ROPE_TABLE_POSITIONS, DiTConfig
 from .rope import Rope, shift_time
 
 ROPE_MODES = ("auto", "absolute", "window")
+
+
+class KVStore:
+    """The K and V buffers [layers, B, H, capacity_tokens, d], allocated at their first use, so a stream
+    made early in a graph takes no device memory before it runs. Shared by `KVCache.share` views."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str):
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def allocate(self) -> None:
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.v = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+    def release(self) -> None:
+        """Free the buffers (the next use allocates them again, zeroed)."""
+        self.k = self.v = None
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -70,8 +94,8 @@ class KVCache:
         self.rope_mode = rope
         H, d = config.num_heads, config.head_dim
         shape = (config.num_layers, batch, H, capacity_frames * tokens_per_frame, d)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, B, H, T_cap, d]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.store = KVStore(shape, dtype, device)  # [layers, B, H, T_cap, d] each for K and V
+        self.dtype, self.device = dtype, torch.device(device)
         self._rope = Rope(d, device)
         self.cross: list[Optional[tuple[Tensor, ...]]] = [None] * config.num_layers
         self.cross_source: Any = None
@@ -106,11 +130,30 @@ class KVCache:
         self.cross = [None] * self.config.num_layers
         self.cross_source = None
 
+    @property
+    def k(self) -> Tensor:
+        self.store.allocate()
+        return self.store.k
+
+    @property
+    def v(self) -> Tensor:
+        self.store.allocate()
+        return self.store.v
+
     def clone(self) -> "KVCache":
         """An independent copy (the K/V buffers are copied; the cross-attention K/V, never written in
         place, are shared): advancing the copy leaves this cache as it was."""
         new = copy.copy(self)
-        new.k, new.v = self.k.clone(), self.v.clone()
+        new.store = KVStore(self.store.shape, self.store.dtype, self.store.device)
+        if self.store.k is not None:
+            new.store.k, new.store.v = self.store.k.clone(), self.store.v.clone()
+        new.cross = list(self.cross)
+        return new
+
+    def share(self) -> "KVCache":
+        """A second view of the same K/V buffers with its own bookkeeping (position, cross-attention
+        K/V): what a stream hands on when it is continued without copying its cache (CausalStream.fork)."""
+        new = copy.copy(self)
         new.cross = list(self.cross)
         return new
 
@@ -121,8 +164,12 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        cross = sum(t.nbytes for layer in self.cross if layer is not None for t in layer)
-        return self.k.nbytes + self.v.nbytes + cross
+        """The K/V buffers (allocated or not) and the cross-attention K/V held now."""
+        return self.store.nbytes + self.cross_nbytes
+
+    @property
+    def cross_nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.cross if layer is not None for t in layer)
 
     # -- the per-call protocol used by the model ------------------------------------------------
     def begin(self, start_frame: int, num_frames: int) -> ChunkSlots:

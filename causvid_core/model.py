@@ -22,6 +22,7 @@ from torch import Tensor
 from .attention import AttentionFn, get_attention
 from .cache import KVCache
 from .config import DiTConfig
+from .precision import exact_dtype
 from .rope import Rope, apply_rope
 
 # (layer, q, k, v) -> attention output, all [B, N, L, d]
@@ -48,14 +49,19 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        # float32 weights too: CUDA's layer norm refuses a float32 input with bf16 / fp16 weights
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
-    """t [...] raw timesteps -> [..., dim] float64: cat(cos, sin) with w_i = 10000^(-i/(dim/2))."""
+    """t [...] raw timesteps -> [..., dim]: cat(cos, sin) with w_i = 10000^(-i/(dim/2)); float64 on the
+    CPU as in Wan, float32 elsewhere (precision.py)."""
     half = dim // 2
-    t = t.to(torch.float64)
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    dt = exact_dtype(t.device)
+    t = t.to(dt)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=dt, device=t.device) / half)
     angles = t.unsqueeze(-1) * freqs
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -331,7 +337,7 @@ class WanDiT(nn.Module):
             cross = cache.cross
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                kw, vw = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
+                kw, vw = cache.update(layer, k.to(cache.dtype), v.to(cache.dtype))
                 return attention(q, kw.to(q.dtype), vw.to(q.dtype))
         else:
             rope = self.rope().factors(start_frame, f, h, w)

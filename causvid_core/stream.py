@@ -19,6 +19,15 @@ frames are denoised. Video extension writes a given clip's latents to the cache 
 Video-to-video: each input chunk is encoded by the streaming encoder, noised to t = strength * 1000
 and denoised by the steps below that.
 
+Continuing a stream without copying its buffers (`fork`): at 832x480 a 1.3B model's KV cache is 6 GB
+and the streaming decoder's cache over 1 GB, so a chain of nodes must not copy them per node. A stream
+made with `journal=True` records every write into them (the clean latents, their positions and
+conditioning, and what was decoded): a few MB. `fork()` returns a stream that continues this one and
+takes over the buffers; the forked-from stream stays valid and, if it is used again (a branch, or a
+re-run of a later node in a graph), first rebuilds its buffers by replaying its journal: one t = 0
+pass per chunk and a re-decode, which gives the same numbers as the first time. Exactly one stream of
+a lineage owns the buffers at any time (`_Lease`).
+
 Shapes: B batch, C latent channels, f frames in a chunk, h x w latent grid, 3 x n x H x W pixels.
 """
 from __future__ import annotations
@@ -94,9 +103,17 @@ class Chunk:
         return latent_to_pixel(self.start_frame)
 
 
+class _Lease:
+    """Which stream of a lineage (forks of one stream) currently owns the shared device buffers."""
+
+    def __init__(self, owner: object):
+        self.owner = owner
+
+
 class CausalStream:
     def __init__(self, model, settings: StreamSettings, *, latent_hw: tuple[int, int], batch: int = 1,
-                 vae=None, text_encoder=None, device: torch.device | str = "cpu"):
+                 vae=None, text_encoder=None, device: torch.device | str = "cpu", journal: bool = False,
+                 journal_device: torch.device | str | None = None):
         self.model, self.settings = model, settings
         self.vae, self.text_encoder = vae, text_encoder
         self.device = torch.device(device)
@@ -121,18 +138,92 @@ class CausalStream:
         self.chunk_index = 0  # next generated chunk
         self.prompt: Optional[str] = None
         self.context: Optional[Tensor] = None  # [B, L, text_dim]
+        self.prompt_source: Optional[str | Tensor] = None
         self._blend: Optional[tuple[Tensor, Tensor, int]] = None  # (from, to, chunks done)
         self.history: deque[Tensor] = deque()  # clean latent chunks the cache holds, oldest first
         self._image_latent: Optional[Tensor] = None  # i2v with a chunk-multiple layout: frame 0 to hold
+        # every write into the KV and decoder caches, to rebuild them (fork); None: not recorded. Latents
+        # are kept on journal_device (default: the stream's device)
+        self.journal: Optional[list[tuple]] = [] if journal else None
+        self.journal_device = torch.device(journal_device) if journal_device is not None else self.device
+        self._token = object()
+        self._lease = _Lease(self._token)
 
     def clone(self) -> "CausalStream":
         """An independent copy of this stream's state (cache, position, prompt, history, decoder):
-        advancing the copy never changes this one. Model, VAE and text encoder are shared."""
+        advancing the copy never changes this one. Model, VAE and text encoder are shared. Copies the KV
+        cache: a chain of nodes uses `fork` instead."""
+        self._acquire()
         new = copy.copy(self)
         new.cache = self.cache.clone()
         new.history = deque(self.history)
         new.decoder = self.decoder.clone() if self.decoder is not None else None
+        new.journal = list(self.journal) if self.journal is not None else None
+        new._token = object()
+        new._lease = _Lease(new._token)
         return new
+
+    def fork(self) -> "CausalStream":
+        """A stream that continues this one and takes over its KV and decoder caches (no copy). This
+        stream stays usable: its next use rebuilds its caches from its journal (same numbers)."""
+        if self.journal is None:
+            raise ValueError("fork() needs a stream made with journal=True (it rebuilds from the journal)")
+        self._acquire()
+        new = copy.copy(self)
+        new.cache = self.cache.share()
+        new.history = deque(self.history)
+        new.decoder = self.decoder.share() if self.decoder is not None else None
+        new.journal = list(self.journal)
+        new._token = object()
+        self._lease.owner = new._token
+        return new
+
+    def memory_needed(self) -> int:
+        """Device bytes the next chunks need beyond the weights: the KV buffers if they are not allocated
+        yet, the cross-attention K/V, a chunk's activations and a one-latent-frame decode (an estimate
+        with headroom, for ComfyUI's model management; `causvid bench memory` measures the real peak)."""
+        cfg, item = self.model.config, self.dtype.itemsize
+        tokens = self.settings.chunk_frames * cfg.tokens_per_frame(*self.latent_hw)
+        kv = self.cache.store.nbytes if self.cache.store.k is None else 0
+        cross = 2 * cfg.num_layers * max(cfg.text_len, 512) * cfg.dim * item
+        # a block's peak: the FFN hidden state twice (before / after GELU) and float32 residual and
+        # modulation copies of the tokens
+        chunk = tokens * (2 * cfg.ffn_dim * item + 8 * cfg.dim * 4)
+        decode = 0
+        if self.vae is not None:
+            vc = self.vae.config
+            h, w = self.latent_hw
+            pixels = vc.time_factor * h * w * vc.space_factor ** 2
+            decode = 6 * pixels * vc.dim * next(self.vae.parameters()).dtype.itemsize
+        return kv + cross + max(chunk, decode)
+
+    @property
+    def owns_buffers(self) -> bool:
+        """False once a fork has taken the caches over (the next use here rebuilds them)."""
+        return self._lease.owner is self._token
+
+    def _acquire(self) -> None:
+        """Make sure this stream's caches hold its own state: replay the journal if a fork took them."""
+        if self.owns_buffers:
+            return
+        self._lease.owner = self._token  # from here on the buffers are ours; the fork rebuilds if used
+        self.cache.reset()
+        if self.decoder is not None:
+            self.decoder = self.decoder.fresh()
+        with torch.no_grad():
+            for op, *args in self.journal:
+                if op == "reset":
+                    self.cache.reset(start_frame=args[0])
+                elif op == "write":
+                    start, latents, context = args
+                    self._run_clean(latents.to(self.device, self.dtype), start, context)
+                else:  # "decode"
+                    self.decoder.decode(args[0].to(self.device, self.dtype))
+
+    def _record(self, op: str, *args) -> None:
+        if self.journal is not None:
+            self.journal.append((op, *(a.to(self.journal_device) if isinstance(a, Tensor) and a.dim() == 5 else a
+                                       for a in args)))
 
     def set_steps(self, preset: str) -> None:
         """Use another step preset from the next chunk on (e.g. causvid-3step for speed)."""
@@ -162,6 +253,7 @@ class CausalStream:
             raise ValueError(f"mode must be one of {SWITCH_MODES}, got {mode!r}")
         new = self.encode_prompt(prompt)
         self.prompt = prompt if isinstance(prompt, str) else "<conditioning>"
+        self.prompt_source = prompt  # as given (text, or a conditioning tensor wherever it lives)
         old, self.context, self._blend = self.context, new, None
         if old is None:
             return
@@ -184,11 +276,13 @@ class CausalStream:
     @torch.no_grad()
     def recache(self) -> None:
         """Rebuild the cache from the held clean frames under the current prompt, at t = 0 (LongLive)."""
+        self._acquire()
         limit = self.settings.recache_frames or self.cache.capacity_frames
         while self.history and sum(c.shape[2] for c in self.history) > limit:
             self.history.popleft()
         held = sum(c.shape[2] for c in self.history)
         self.cache.reset(start_frame=self.frame - held)
+        self._record("reset", self.frame - held)
         s = self.frame - held
         for chunk in self.history:
             self._write_clean(chunk, s, self.context)
@@ -196,6 +290,10 @@ class CausalStream:
 
     # -- writing context ------------------------------------------------------------------------------
     def _write_clean(self, latents: Tensor, start: int, context: Tensor) -> None:
+        self._run_clean(latents, start, context)
+        self._record("write", start, latents, context)
+
+    def _run_clean(self, latents: Tensor, start: int, context: Tensor) -> None:
         B, f = latents.shape[0], latents.shape[2]
         self.model(latents, torch.zeros(B, f, device=self.device), context, cache=self.cache, start_frame=start)
 
@@ -205,12 +303,17 @@ class CausalStream:
             self.history.popleft()
 
     def _decode(self, latents: Tensor) -> Optional[Tensor]:
-        return self.decoder.decode(latents.float()) if self.decoder is not None else None
+        """Pixels [B, 3, n, H, W] in [-1, 1], in the VAE's dtype, on the stream's device."""
+        if self.decoder is None:
+            return None
+        self._record("decode", latents)
+        return self.decoder.decode(latents)
 
     @torch.no_grad()
     def add_context(self, latents: Tensor) -> Chunk:
         """Write given clean latents [B, C, f, h, w] (an encoded image or clip) at the current position."""
         self._require_prompt()
+        self._acquire()
         t0 = time.perf_counter()
         latents = latents.to(self.device, self.dtype)
         s = 0
@@ -252,7 +355,7 @@ class CausalStream:
             raise ValueError("image-to-video needs a VAE (or pass the encoded latent [B, C, 1, h, w])")
         from .vae import StreamingEncoder
         with torch.no_grad():
-            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2).float())
+            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2))
         if latent.shape[-2:] != self.latent_hw:
             raise ValueError(f"the image encodes to a {tuple(latent.shape[-2:])} latent; the stream is {self.latent_hw}")
         return latent.to(self.device, self.dtype)
@@ -272,6 +375,7 @@ class CausalStream:
         """Make the next chunk. v2v_latents [B, C, f, h, w]: restyle these latents at `strength` instead.
         callback(i) runs after each denoising step (progress bars, interruption)."""
         self._require_prompt()
+        self._acquire()
         t0 = time.perf_counter()
         ci, s = self.chunk_index, self.frame
         f = self.settings.chunk_size(ci) if v2v_latents is None else v2v_latents.shape[2]
@@ -284,7 +388,7 @@ class CausalStream:
         steps = list(self.settings.steps)
         if v2v_latents is not None:
             steps = restyle_steps(steps, strength)
-            x = self.grid.add_noise(v2v_latents.to(x), x, torch.tensor([steps[0]]))
+            x = self.grid.add_noise(v2v_latents.to(x), x, float(steps[0]))
         fixed = self._image_latent if s == 0 else None
         x0 = denoise_chunk(self.model, x, ctx, steps, self.grid, cache=self.cache, start_frame=s,
                            chunk_index=ci, noise_fn=self.noise, fixed=fixed, callback=callback)

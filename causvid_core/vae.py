@@ -165,6 +165,18 @@ class _Stream:
         new.cache.slots = list(self.cache.slots)
         return new
 
+    def share(self):
+        """A view that continues this stream in the same cache object (no copy): after it is used, this
+        one is stale (CausalStream.fork rebuilds it from its journal when needed)."""
+        return copy.copy(self)
+
+    def fresh(self):
+        """The same streamer at the start of a new stream, with a cache of its own."""
+        new = copy.copy(self)
+        new.cache = FeatureCache(len(self.cache.slots))
+        new.chunks, new._key = 0, None
+        return new
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache: constant after the first chunk, however long the stream."""
@@ -184,18 +196,25 @@ class StreamingDecoder(_Stream):
 
     The first latent of a stream gives 1 pixel frame, every later one 4. The cache (the last inputs of
     every causal conv) is kept between calls and has a fixed size, so memory is flat over endless streams.
+    It is in the VAE's dtype and on its device. A chunk is decoded one latent frame at a time
+    (`latents_per_pass`), the reference's own chunking: the same frames, and the activation peak of one
+    latent frame instead of a whole chunk (at 832x480: 4 frames of 96+ channels at full size).
     """
 
-    def __init__(self, vae: WanVAE, clamp: bool = True):
+    def __init__(self, vae: WanVAE, clamp: bool = True, latents_per_pass: int = 1):
         super().__init__(vae, vae.decoder_cache())
-        self.clamp = clamp
+        if latents_per_pass < 1:
+            raise ValueError(f"latents_per_pass must be >= 1, got {latents_per_pass}")
+        self.clamp, self.latents_per_pass = clamp, latents_per_pass
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
-        """latent [B, Z, n, h, w] -> frames [B, 3, 4n (or 4n-3 for the first chunk), 8h, 8w]."""
+        """latent [B, Z, n, h, w] -> frames [B, 3, 4n (or 4n-3 for the first chunk), 8h, 8w], VAE dtype."""
         self.vae.check_latent(latent, "StreamingDecoder.decode")
         self._check_same_stream(latent, "StreamingDecoder.decode")
-        frames = self.vae.decode_chunk(latent, self.cache)
+        n, step = latent.shape[2], self.latents_per_pass
+        parts = [self.vae.decode_chunk(latent[:, :, s:s + step], self.cache) for s in range(0, n, step)]
+        frames = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         self.chunks += 1
         return frames.clamp_(-1.0, 1.0) if self.clamp else frames
 

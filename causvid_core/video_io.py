@@ -16,12 +16,17 @@ from torch import Tensor
 FPS = 16
 
 
-def to_uint8(frames: Tensor) -> np.ndarray:
-    """[3, T, H, W] (or [B=1, 3, T, H, W]) in [-1, 1] -> uint8 [T, H, W, 3]."""
+def frames_uint8(frames: Tensor) -> Tensor:
+    """[3, T, H, W] (or [B=1, 3, T, H, W]) in [-1, 1] -> uint8 [T, H, W, 3] on the same device."""
     if frames.dim() == 5:
         frames = frames[0]
     x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
+    return x.permute(1, 2, 3, 0)
+
+
+def to_uint8(frames: Tensor) -> np.ndarray:
+    """[3, T, H, W] (or [B=1, 3, T, H, W]) in [-1, 1] -> uint8 [T, H, W, 3] numpy (the one copy to the host)."""
+    return frames_uint8(frames).cpu().numpy()
 
 
 def from_uint8(frames: np.ndarray) -> Tensor:

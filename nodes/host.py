@@ -64,3 +64,92 @@ class Progress:
         from PIL import Image
 
         self.bar.update_absolute(self.done, self.total, ("JPEG", Image.fromarray(frame_uint8), 512))
+
+
+# -- devices and ComfyUI's model management --------------------------------------------------------------
+# The DiT and the VAE run where ComfyUI says (CUDA, ROCm, MPS, XPU, or the CPU with --cpu), and their
+# weights are loaded and offloaded by ComfyUI: each module is wrapped in one long-lived ModelPatcher
+# and `load` asks ComfyUI for it right before use, passing the memory a stream needs on top of the
+# weights (KV cache, activations), so ComfyUI unloads the text encoder or other models first.
+
+def torch_device():
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def offload_device():
+    import comfy.model_management as mm
+
+    return mm.unet_offload_device()
+
+
+def intermediate_device():
+    """Where IMAGE / LATENT outputs live between nodes (the CPU unless --gpu-only)."""
+    import comfy.model_management as mm
+
+    return mm.intermediate_device()
+
+
+def model_dtype(device):
+    """auto: bfloat16 where the device has it (CUDA sm80+, recent ROCm / XPU / MPS), else float32; float32
+    on the CPU. float16 is not offered: Wan's activations overflow it."""
+    import comfy.model_management as mm
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    try:
+        use_bf16 = mm.should_use_bf16(device)
+    except Exception:  # a ComfyUI without the helper
+        use_bf16 = True
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
+def model_patcher(module):
+    """A ModelPatcher for one of our modules (weights on the offload device until `load`)."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=torch_device(), offload_device=offload_device())
+
+
+def load(patchers, memory_required: int = 0) -> None:
+    """Load the modules behind `patchers` onto their device, fully: our layers are plain torch layers,
+    which ComfyUI's partial (lowvram) loading would leave on the CPU. ComfyUI >= mid-2024 takes
+    force_full_load; the March 2024 tree has no such flag and partial-loads only models larger than free
+    memory, so there a full load is forced by the high-VRAM state for the call."""
+    import inspect
+
+    import comfy.model_management as mm
+
+    patchers = [p for p in patchers if p is not None]
+    if not patchers:
+        return
+    kw = {"memory_required": int(memory_required)}
+    params = inspect.signature(mm.load_models_gpu).parameters
+    if "force_full_load" in params:
+        mm.load_models_gpu(patchers, force_full_load=True, **kw)
+    else:
+        state = getattr(mm, "vram_state", None)
+        high = getattr(getattr(mm, "VRAMState", None), "HIGH_VRAM", None)
+        if high is not None and state not in (high, getattr(mm.VRAMState, "DISABLED", None)):
+            mm.vram_state = high
+            try:
+                mm.load_models_gpu(patchers, **kw)
+            finally:
+                mm.vram_state = state
+        else:
+            mm.load_models_gpu(patchers, **kw)
+    for p in patchers:
+        _check_loaded(p)
+
+
+def _check_loaded(patcher) -> None:
+    import torch
+
+    device = torch.device(patcher.load_device)
+    stray = [n for n, t in patcher.model.state_dict(keep_vars=True).items()
+             if t.device.type != device.type]
+    if stray:
+        raise RuntimeError(f"ComfyUI left {len(stray)} weights of the causal model off {device} (e.g. {stray[0]}): "
+                           "free memory (close other workflows) or run ComfyUI without --novram")

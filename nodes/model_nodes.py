@@ -26,7 +26,8 @@ class LoadCausalModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": ([host.BUILTIN_NAME] + host.model_files(),),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: float32 on CPU, bfloat16 on GPU"}),
+            "dtype": (list(DTYPES), {"default": "auto",
+                                     "tooltip": "auto: bfloat16 on a GPU that has it (else float32), float32 on the CPU"}),
             "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
                                          "tooltip": "latent frames per chunk; 0 = the model's own (3)"}),
             "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
@@ -37,26 +38,28 @@ class LoadCausalModel:
         }}
 
     def load(self, model_name, dtype, frames_per_chunk, window_frames, sink_frames):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dt = DTYPES[dtype] or (torch.bfloat16 if device == "cuda" else torch.float32)
+        # weights go to ComfyUI's offload device; the samplers ask ComfyUI to load them when they run
+        device, where = host.torch_device(), host.offload_device()
+        dt = DTYPES[dtype] or host.model_dtype(device)
         if model_name == host.BUILTIN_NAME:
             if not builtin_available():
                 raise FileNotFoundError("the built-in model files are missing from causvid_core/builtin/ "
                                         f"({', '.join(BUILTIN_FILES.values())}); reinstall the pack")
-            comps = load_components(device=device, dtype=dt)
+            comps = load_components(device=where, dtype=dt)
         else:
             path = host.model_path(model_name)
             folder = Path(path).parent
             if all((folder / BUILTIN_FILES[p]).exists() for p in ("vae", "text_encoder")):
-                comps = load_components(path, device=device, dtype=dt)  # an exported checkpoint and its parts
+                comps = load_components(path, device=where, dtype=dt)  # an exported checkpoint and its parts
             else:  # a Wan / CausVid / Self-Forcing file: ComfyUI's VAE and text encoder come in by sockets
-                comps = Components(load_dit(path, dtype=dt, device=device), None, None, stream_defaults_of(path), path)
+                comps = Components(load_dit(path, dtype=dt, device=where), None, None, stream_defaults_of(path), path)
         settings = dict(comps.stream_defaults)
         if frames_per_chunk:
             settings["chunk_frames"] = frames_per_chunk
         if window_frames:
             settings.update(window_frames=window_frames, sink_frames=sink_frames)
-        return (CausalModel(comps, settings, model_name),)
+        vae_patcher = host.model_patcher(comps.vae) if comps.vae is not None else None
+        return (CausalModel(comps, settings, model_name, host.model_patcher(comps.model), vae_patcher),)
 
 
 class CausalTextEncode:

@@ -12,10 +12,9 @@ from ..causvid_core.flow import STEP_PRESETS
 from ..causvid_core.generate import latent_frames
 from ..causvid_core.schedule import SWITCH_MODES, PromptEvent, ScheduleError, parse_schedule, snap_schedule
 from ..causvid_core.stream import CausalStream, StreamSettings
-from ..causvid_core.video_io import to_uint8
 from . import host
 from .types import (CausalModel, PromptScheduleValue, StreamState, causal_vae_from_comfy, conditioning_tensor,
-                    images_to_video, latent_out, require, video_to_images)
+                    frames_to_host, images_to_video, latent_out, require, uint8_to_images)
 
 CATEGORY = "causvid/stream"
 MODEL_DEFAULT = "model default"
@@ -42,7 +41,10 @@ class CausalKVState:
 
     def create(self, model, width, height, length, seed, vae=None):
         model = require(model, CausalModel, "model", "connect LoadCausalModel")
-        causal_vae = causal_vae_from_comfy(vae) if vae is not None else model.components.vae
+        if vae is not None:
+            causal_vae, vae_patcher = causal_vae_from_comfy(vae)
+        else:
+            causal_vae, vae_patcher = model.components.vae, model.vae_patcher
         if causal_vae is None:
             raise ValueError("this model has no VAE of its own: connect ComfyUI's VAELoader with wan_2.1_vae.safetensors")
         fields = dict(model.settings, seed=seed)
@@ -56,10 +58,12 @@ class CausalKVState:
         if width % mult or height % mult:
             raise ValueError(f"width and height must be multiples of {mult}, got {width}x{height}")
         settings = StreamSettings.from_fields(fields)
-        device = next(model.model.parameters()).device
+        # the device ComfyUI runs the model on (its weights may still be offloaded); the KV cache is
+        # allocated there at the first chunk, the journal of clean latents stays on the host
         stream = CausalStream(model.model, settings, latent_hw=(height // sf, width // sf), vae=causal_vae,
-                              text_encoder=model.components.text_encoder, device=device)
-        return (StreamState(stream, model),)
+                              text_encoder=model.components.text_encoder, device=host.torch_device(),
+                              journal=True, journal_device=host.intermediate_device())
+        return (StreamState(stream, model, vae_patcher=vae_patcher, comfy_vae=vae),)
 
 
 class CausalImageToVideo:
@@ -82,7 +86,7 @@ class CausalImageToVideo:
         if tuple(image.shape[1:3]) != (H * sf, W * sf):
             raise ValueError(f"the image is {image.shape[2]}x{image.shape[1]}, the stream {W * sf}x{H * sf}: "
                              "resize it (ImageScale) or change the state's size")
-        return (state.advanced(state.stream, pending_image=images_to_video(image[:1])[:, :, 0]),)
+        return (state.advanced(state.stream, pending_image=images_to_video(image[:1])[:, :, 0].to(state.stream.device)),)
 
 
 class PromptSchedule:
@@ -140,7 +144,10 @@ class StreamChunkSampler:
 
     def sample(self, state, chunks, steps, conditioning=None, prompt_schedule=None):
         state = require(state, StreamState, "state", "connect CausalKVState or another StreamChunkSampler")
-        stream = state.stream.clone()  # never advance the input: ComfyUI caches and shares it
+        state.load()
+        # a continuation that takes over the input's device buffers; the input state itself is never
+        # advanced (ComfyUI caches and shares it) and rebuilds its buffers if it is used again
+        stream = state.stream.fork()
         if steps != MODEL_DEFAULT:
             stream.set_steps(steps)
         plan = _prompt_plan(stream, chunks, conditioning, prompt_schedule)
@@ -152,6 +159,7 @@ class StreamChunkSampler:
                                  "start a new CausalKVState or raise its length")
             chunks = min(chunks, remaining)
         progress = host.Progress(chunks * len(settings.steps))
+        out = host.intermediate_device()
         latents, frames = [], []
         pending = state.pending_image
         for i in range(chunks):
@@ -159,18 +167,17 @@ class StreamChunkSampler:
                 text_or_cond, mode = plan[stream.chunk_index]
                 stream.set_prompt(text_or_cond, mode)
             if pending is not None:
-                first = stream.start_from_image(pending.to(stream.device))
+                first = stream.start_from_image(pending)
                 pending = None
                 if first is not None:
-                    latents.append(first.latents)
-                    frames.append(first.frames)
+                    latents.append(first.latents.to(out))
+                    frames.append(frames_to_host(first.frames, out))
             chunk = stream.step(callback=lambda _i: (host.check_interrupt(), progress.step()))
-            latents.append(chunk.latents)
-            frames.append(chunk.frames)
-            progress.preview(to_uint8(chunk.frames)[-1])
+            latents.append(chunk.latents.to(out))
+            frames.append(frames_to_host(chunk.frames, out))
+            progress.preview(frames[-1][-1].numpy())
         lat = torch.cat(latents, dim=2)
-        video = torch.cat(frames, dim=2)
-        return (state.advanced(stream, pending_image=None), latent_out(lat, stream.vae), video_to_images(video))
+        return (state.advanced(stream, pending_image=None), latent_out(lat, stream.vae, out), uint8_to_images(frames))
 
 
 def _prompt_plan(stream: CausalStream, chunks: int, conditioning, schedule) -> dict:
@@ -192,7 +199,7 @@ def _prompt_plan(stream: CausalStream, chunks: int, conditioning, schedule) -> d
         for c, idx in by_chunk.items():
             if start < c < last:
                 plan[c] = (schedule.events[int(idx)][2], schedule.mode)
-        if stream.context is not None and current < start and _same(stream.context, plan[start][0]):
+        if stream.context is not None and current < start and _same(stream, plan[start][0]):
             del plan[start]  # continuing under the same prompt: nothing to switch
         return plan
     if conditioning is None:
@@ -200,16 +207,20 @@ def _prompt_plan(stream: CausalStream, chunks: int, conditioning, schedule) -> d
             raise ValueError("connect a conditioning (CLIPTextEncode / CausalTextEncode) or a prompt_schedule")
         return {}
     cond = conditioning_tensor(conditioning)
-    if stream.context is not None and _same(stream.context, cond):
+    if stream.context is not None and _same(stream, cond):
         return {}
     return {stream.chunk_index: (cond, "cut")}
 
 
-def _same(context: torch.Tensor, cond: torch.Tensor) -> bool:
-    c = cond.to(context.device, context.dtype)
-    if c.shape[0] == 1 and context.shape[0] > 1:
-        c = c.expand(context.shape[0], -1, -1)
-    return c.shape == context.shape and torch.equal(c, context)
+def _same(stream: CausalStream, cond: torch.Tensor) -> bool:
+    """Whether a conditioning is the stream's current one, compared with the tensor the stream was given
+    (on ComfyUI's intermediate device), never with the copy on the model's device: ComfyUI hands the same
+    object down a chain, and another object is compared by value on the host."""
+    source = stream.prompt_source
+    if source is cond:
+        return True
+    return (isinstance(source, torch.Tensor) and source.shape == cond.shape and source.device == cond.device
+            and torch.equal(source, cond))
 
 
 def _with_blend(settings: StreamSettings, blend_chunks: int) -> StreamSettings:

@@ -1,9 +1,12 @@
 """The objects that travel between this pack's nodes, and conversions to and from ComfyUI's types.
 
-ComfyUI passes outputs by reference to every consumer and keeps them in its cache, so nothing here is
-ever changed after it is made: a node that advances a stream works on `state.stream.clone()` and
-returns a new state. That makes re-running a node reproduce its result, and lets an interrupted run
-leave every earlier state as it was.
+ComfyUI passes outputs by reference to every consumer and keeps them in its cache, so a state never
+changes after it is made: a node that advances a stream works on `state.stream.fork()` and returns a new
+state. The fork takes over the device buffers (KV cache, decoder cache) instead of copying them, so a
+chain of samplers holds one KV cache; an earlier state that is used again (a re-run of a later node, a
+branch) rebuilds its buffers from its journal first, with the same numbers (causvid_core/stream.py).
+That makes re-running a node reproduce its result, and lets an interrupted run leave every earlier
+state as it was.
 """
 from __future__ import annotations
 
@@ -16,15 +19,19 @@ from torch import Tensor
 
 from ..causvid_core.pipeline import Components
 from ..causvid_core.stream import CausalStream
+from ..causvid_core.video_io import frames_uint8
 
 
 @dataclass(frozen=True)
 class CausalModel:
     """CAUSAL_MODEL: the DiT, the stream settings it runs with, and (for the built-in model or an
-    exported checkpoint) its own VAE and text encoder."""
+    exported checkpoint) its own VAE and text encoder. `patcher` / `vae_patcher`: ComfyUI's ModelPatchers
+    of the DiT and of its own VAE, through which ComfyUI loads and offloads them."""
     components: Components
     settings: dict  # StreamSettings fields: steps, shift, chunk_frames, window_frames, sink_frames, ...
     name: str = ""
+    patcher: Any = None
+    vae_patcher: Any = None
 
     @property
     def model(self):
@@ -38,9 +45,23 @@ class StreamState:
     model: CausalModel
     pending_image: Optional[Tensor] = None  # image-to-video, applied once the first prompt is known
     prompt_events: tuple = ()  # the schedule applied so far (for display)
+    vae_patcher: Any = None  # the patcher of the VAE this stream decodes with (ComfyUI's or the model's)
+    comfy_vae: Any = None  # ComfyUI's VAE object when the stream decodes with it
+
+    def load(self) -> None:
+        """Have ComfyUI load the DiT and the VAE for this stream's next chunks (see host.load)."""
+        from . import host
+
+        host.load(self.patchers, self.stream.memory_needed())
+        if self.comfy_vae is not None:
+            bind_comfy_vae(self.stream.vae, self.comfy_vae)
 
     def advanced(self, stream: CausalStream, **changes) -> "StreamState":
         return replace(self, stream=stream, **changes)
+
+    @property
+    def patchers(self) -> tuple:
+        return (self.model.patcher, self.vae_patcher)
 
 
 @dataclass(frozen=True)
@@ -87,12 +108,25 @@ def video_to_images(video: Tensor) -> Tensor:
     return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).contiguous()
 
 
-def latent_out(latents: Tensor, vae) -> dict:
-    """Our normalised latents -> ComfyUI LATENT in raw VAE space (z * std + mean), as ComfyUI's Wan uses."""
+def frames_to_host(frames: Tensor, device) -> Tensor:
+    """A decoded chunk [1, 3, n, H, W] in [-1, 1] on the model's device -> uint8 [n, H, W, 3] on `device`
+    (ComfyUI's intermediate device): frames leave the GPU as bytes, a quarter of float32."""
+    return frames_uint8(frames).to(device)
+
+
+def uint8_to_images(frames: list[Tensor]) -> Tensor:
+    """uint8 chunks [n, H, W, 3] -> IMAGE [T, H, W, 3] float32 in 0..1 (ComfyUI's IMAGE is float32)."""
+    return torch.cat(frames, dim=0).float().div_(255.0)
+
+
+def latent_out(latents: Tensor, vae, device="cpu") -> dict:
+    """Our normalised latents -> ComfyUI LATENT in raw VAE space (z * std + mean), as ComfyUI's Wan uses,
+    float32 on `device` (ComfyUI's intermediate device)."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latent_mean, dtype=latents.dtype).view(shape)
-    std = torch.tensor(vae.config.latent_std, dtype=latents.dtype).view(shape)
-    return {"samples": latents.float().cpu() * std + mean}
+    samples = latents.to(device, torch.float32)
+    mean = torch.tensor(vae.config.latent_mean, dtype=torch.float32, device=samples.device).view(shape)
+    std = torch.tensor(vae.config.latent_std, dtype=torch.float32, device=samples.device).view(shape)
+    return {"samples": samples * std + mean}
 
 
 def latent_in(latent: dict, vae) -> Tensor:
@@ -104,14 +138,18 @@ def latent_in(latent: dict, vae) -> Tensor:
 
 
 def causal_vae_from_comfy(vae: Any):
-    """ComfyUI's VAE object (VAELoader with wan_2.1_vae.safetensors) -> our streaming WanVAE, same weights."""
+    """ComfyUI's VAE object (VAELoader with wan_2.1_vae.safetensors) -> (our streaming WanVAE, its patcher).
+
+    Ours holds the very Parameter objects of ComfyUI's module (no copy): when ComfyUI loads the VAE to
+    its device through the patcher, or offloads it, ours moves with it (ComfyUI moves weights with
+    Module.to, which keeps the Parameter objects). The Wan VAE has no buffers."""
     from ..causvid_core.checkpoints import CheckpointError, check_keys
     from ..causvid_core.vae import WanVAE, infer_vae_config, normalize_vae_keys
 
     inner = getattr(vae, "first_stage_model", None)
     if inner is None:
         raise ValueError("the VAE input must come from ComfyUI's VAELoader (a Wan 2.1 VAE)")
-    sd = normalize_vae_keys({k: v for k, v in inner.state_dict().items()})
+    sd = normalize_vae_keys(dict(inner.state_dict(keep_vars=True)))
     try:
         cfg = infer_vae_config(sd)
     except CheckpointError as exc:
@@ -120,4 +158,12 @@ def causal_vae_from_comfy(vae: Any):
         ours = WanVAE(cfg)
     check_keys(ours, sd, "VAE input")
     ours.load_state_dict(sd, assign=True)
-    return ours.float().eval()
+    return ours.eval(), getattr(vae, "patcher", None)
+
+
+def bind_comfy_vae(ours, vae: Any) -> None:
+    """Point our view at the Parameters ComfyUI's VAE module holds now (after a load): a no-op where
+    ComfyUI moved them in place, a re-bind where it replaced them (e.g. after applying weight patches)."""
+    from ..causvid_core.vae import normalize_vae_keys
+
+    ours.load_state_dict(normalize_vae_keys(dict(vae.first_stage_model.state_dict(keep_vars=True))), assign=True)

@@ -9,11 +9,11 @@ import torch
 from ..causvid_core.flow import STEP_PRESETS
 from ..causvid_core.generate import latent_frames
 from ..causvid_core.vae import StreamingDecoder, StreamingEncoder
-from ..causvid_core.video_io import Mp4Writer, to_uint8
+from ..causvid_core.video_io import Mp4Writer
 from . import host
 from .stream_nodes import MODEL_DEFAULT, CausalKVState, StreamChunkSampler
-from .types import (CausalModel, causal_vae_from_comfy, conditioning_tensor, images_to_video, latent_in,
-                    latent_out, require, video_to_images)
+from .types import (CausalModel, bind_comfy_vae, causal_vae_from_comfy, conditioning_tensor, frames_to_host, images_to_video,
+                    latent_in, latent_out, require, uint8_to_images)
 
 CATEGORY = "causvid/stream"
 
@@ -45,13 +45,14 @@ class VideoToVideoStream:
             raise ValueError(f"video-to-video needs 4k+1 frames (…, 33, 81), got {T}: trim the input "
                              f"to {4 * ((T - 1) // 4) + 1} frames")
         (state,) = CausalKVState().create(model, W, H, T, seed, vae)
-        stream = state.stream.clone()
+        state.load()
+        stream = state.stream
         if steps != MODEL_DEFAULT:
             stream.set_steps(steps)
         stream.set_prompt(conditioning_tensor(conditioning))
         encoder = StreamingEncoder(stream.vae)
-        video = images_to_video(images).to(stream.device)
         tf = stream.vae.config.time_factor
+        dev, out_dev = stream.device, host.intermediate_device()
         F = latent_frames(T, tf)
         n_chunks = -(-F // stream.settings.chunk_frames)
         progress = host.Progress(n_chunks * (sum(1 for t in stream.settings.steps if t < 1000 * strength) + 1))
@@ -59,14 +60,15 @@ class VideoToVideoStream:
         while stream.frame < F:
             f = min(stream.settings.chunk_size(stream.chunk_index), F - stream.frame)
             n_pix = 1 + tf * (f - 1) if stream.frame == 0 else tf * f
-            z = encoder.encode(video[:, :, pix:pix + n_pix])
+            # the input goes to the device a chunk at a time
+            z = encoder.encode(images_to_video(images[pix:pix + n_pix]).to(dev))
             chunk = stream.step(v2v_latents=z, strength=strength,
                                 callback=lambda _i: (host.check_interrupt(), progress.step()))
-            lat.append(chunk.latents)
-            out.append(chunk.frames)
-            progress.preview(to_uint8(chunk.frames)[-1])
+            lat.append(chunk.latents.to(out_dev))
+            out.append(frames_to_host(chunk.frames, out_dev))
+            progress.preview(out[-1][-1].numpy())
             pix += n_pix
-        return video_to_images(torch.cat(out, 2)), latent_out(torch.cat(lat, 2), stream.vae)
+        return uint8_to_images(out), latent_out(torch.cat(lat, 2), stream.vae, out_dev)
 
 
 class CausalGenerate:
@@ -108,21 +110,27 @@ class CausalDecodeStream:
 
     def decode(self, latent, latents_per_chunk, model=None, vae=None):
         if vae is not None:
-            causal_vae = causal_vae_from_comfy(vae)
+            causal_vae, patcher = causal_vae_from_comfy(vae)
         elif model is not None and require(model, CausalModel, "model", "connect LoadCausalModel").components.vae:
-            causal_vae = model.components.vae
+            causal_vae, patcher = model.components.vae, model.vae_patcher
         else:
             raise ValueError("connect ComfyUI's Wan VAE or a CAUSAL_MODEL that has its own VAE")
+        host.load([patcher])
+        if vae is not None:
+            bind_comfy_vae(causal_vae, vae)
+        weight = next(causal_vae.parameters())
         z = latent_in(latent, causal_vae)
         dec = StreamingDecoder(causal_vae)
-        n = z.shape[2]
+        n, out_dev = z.shape[2], host.intermediate_device()
         progress = host.Progress(-(-n // latents_per_chunk))
         out = []
         for s in range(0, n, latents_per_chunk):
             host.check_interrupt()
-            out.append(dec.decode(z[:, :, s:s + latents_per_chunk]))
+            # one chunk of latents to the device, its frames back as uint8
+            out.append(frames_to_host(dec.decode(z[:, :, s:s + latents_per_chunk].to(weight.device, weight.dtype)),
+                                      out_dev))
             progress.step()
-        return (video_to_images(torch.cat(out, 2)),)
+        return (uint8_to_images(out),)
 
 
 class SaveCausalVideo:

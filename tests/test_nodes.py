@@ -1,5 +1,5 @@
-"""Every node function, with ComfyUI's few host modules (folder_paths, comfy.utils,
-comfy.model_management) stubbed: state semantics, chaining, schedules, I2V, V2V, saving, interruption."""
+"""Every node function, with ComfyUI's few host modules stubbed (tests/comfy_stubs.py): state semantics,
+chaining, schedules, I2V, V2V, saving, interruption."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,71 +14,25 @@ import torch
 from causvid_core.checkpoints import save_dit
 from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
 from causvid_core.vae import random_vae, save_vae
+from comfy_stubs import Host, stubbed_pack
 from conftest import ROOT, tiny_model
 
 A = "a red circle moving right on a black background"
 B = "a blue square moving up on a gray background"
 
 
-class Host:
-    """Stand-ins for the host: a models folder, an output folder, a progress bar that records."""
-
-    def __init__(self, models: Path, output: Path):
-        self.models, self.output = models, output
-        self.updates: list = []
-        self.interrupt_after: int | None = None
-        self.checks = 0
-
-
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     base = tmp_path_factory.mktemp("host")
-    host = Host(base / "diffusion_models", base / "output")
+    host = Host(base / "diffusion_models", base / "output", torch.device("cpu"))
     host.models.mkdir()
     host.output.mkdir()
     torch.manual_seed(0)
     save_dit(tiny_model(), host.models / "tiny_student.safetensors")
     save_vae(random_vae("wan-tiny"), host.models / "vae.safetensors")
     save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval(), host.models / "text.safetensors")
-
-    folder_paths = types.ModuleType("folder_paths")
-    folder_paths.get_filename_list = lambda f: sorted(p.name for p in host.models.glob("*.safetensors")) \
-        if f == "diffusion_models" else []
-    folder_paths.get_full_path = lambda f, n: str(host.models / n) if f == "diffusion_models" and (host.models / n).exists() else None
-    folder_paths.get_output_directory = lambda: str(host.output)
-    comfy = types.ModuleType("comfy")
-    utils = types.ModuleType("comfy.utils")
-    mm = types.ModuleType("comfy.model_management")
-
-    class ProgressBar:
-        def __init__(self, total):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            host.updates.append((value, total, preview))
-
-    def interrupted():
-        host.checks += 1
-        if host.interrupt_after is not None and host.checks > host.interrupt_after:
-            raise InterruptedError("Processing interrupted")
-
-    utils.ProgressBar = ProgressBar
-    mm.throw_exception_if_processing_interrupted = interrupted
-    comfy.utils, comfy.model_management = utils, mm
-    saved = {k: sys.modules.get(k) for k in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management")}
-    sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
-                        "comfy.model_management": mm})
-    spec = importlib.util.spec_from_file_location("causvid_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["causvid_pack"] = module
-    spec.loader.exec_module(module)
-    yield module, host
-    for k, v in saved.items():
-        if v is None:
-            sys.modules.pop(k, None)
-        else:
-            sys.modules[k] = v
+    with stubbed_pack(host) as module:
+        yield module, host
 
 
 def _model(pack, **kw):
@@ -128,11 +82,12 @@ def test_chained_samplers_equal_one_sampler_and_never_mutate_their_input(pack):
     model = _model(pack)
     cond = _cond(pack, model)
     state = _state(pack, model)
-    frame0, k0 = state.stream.frame, state.stream.cache.k.clone()
     s1, lat1, img1 = _sample(pack, state, 1, conditioning=cond)
     s2, lat2, img2 = _sample(pack, s1, 2, conditioning=cond)
-    assert state.stream.frame == frame0 and torch.equal(state.stream.cache.k, k0)  # input untouched
-    assert s1.stream.frame == 3 and s2.stream.frame == 9
+    assert state.stream.frame == 0 and s1.stream.frame == 3 and s2.stream.frame == 9  # inputs untouched
+    # one KV buffer for the whole chain: the last state owns it, the earlier ones rebuild if used again
+    assert s2.stream.cache.store is s1.stream.cache.store is state.stream.cache.store
+    assert s2.stream.owns_buffers and not s1.stream.owns_buffers and not state.stream.owns_buffers
     _, lat_all, img_all = _sample(pack, state, 3, conditioning=cond)
     assert torch.equal(torch.cat([lat1["samples"], lat2["samples"]], 2), lat_all["samples"])
     assert torch.equal(torch.cat([img1, img2], 0), img_all)
@@ -161,12 +116,12 @@ def test_interruption_leaves_the_state_consistent(pack):
     cond = _cond(pack, model)
     state = _state(pack, model)
     s1, _, _ = _sample(pack, state, 1, conditioning=cond)
-    k1 = s1.stream.cache.k.clone()
     host.checks, host.interrupt_after = 0, 2
     with pytest.raises(InterruptedError):
         _sample(pack, s1, 2, conditioning=cond)
     host.interrupt_after = None
-    assert torch.equal(s1.stream.cache.k, k1) and s1.stream.frame == 3
+    # the interrupted fork had taken the buffers over: s1 still describes frame 3 and rebuilds them
+    assert s1.stream.frame == 3 and not s1.stream.owns_buffers
     _, lat_after, _ = _sample(pack, s1, 2, conditioning=cond)
     _, lat_clean, _ = _sample(pack, _sample(pack, state, 1, conditioning=cond)[0], 2, conditioning=cond)
     assert torch.equal(lat_after["samples"], lat_clean["samples"])
@@ -199,7 +154,7 @@ def test_image_to_video_starts_from_the_image(pack):
     with torch.no_grad():
         x = img.permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1
         recon = ((vae.decode(vae.encode(x)) + 1) / 2)[0, :, 0].permute(1, 2, 0)
-    assert (frames[0] - recon).abs().max() < 1e-4
+    assert (frames[0] - recon).abs().max() < 0.5 / 255 + 1e-4  # IMAGE frames are 8-bit
     with pytest.raises(ValueError, match="resize"):
         m.NODE_CLASS_MAPPINGS["CausalImageToVideo"]().seed_image(_state(pack, model), torch.rand(1, 48, 32, 3))
 
@@ -216,7 +171,9 @@ def test_video_to_video_generate_decode_and_save(pack):
     images, latent = m.NODE_CLASS_MAPPINGS["CausalGenerate"]().generate(model, cond, 32, 32, 33, 0, "causvid-3step")
     assert images.shape == (33, 32, 32, 3)
     (decoded,) = m.NODE_CLASS_MAPPINGS["CausalDecodeStream"]().decode(latent, 2, model=model)
-    assert (decoded - images).abs().max() < 1e-4  # LATENT round trip through raw VAE space
+    # LATENT round trip through raw VAE space; IMAGE frames are 8-bit, so float rounding moves a few by one step
+    diff = (decoded - images).abs()
+    assert diff.max() <= 1 / 255 + 1e-6 and (diff > 0).float().mean() < 0.01
     out = m.NODE_CLASS_MAPPINGS["SaveCausalVideo"]().save(images, 16, "clips/test")
     item = out["ui"]["causvid_videos"][0]
     from causvid_core.video_io import read_video

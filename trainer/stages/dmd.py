@@ -44,7 +44,7 @@ def generate_from_data(gen, x0_data, noise, cond, steps, grid, chunk, u) -> torc
     """CausVid: each chunk of the data noised to a random student step; one block-causal pass to x0."""
     F = x0_data.shape[2]
     k = (u * len(steps)).long().clamp(max=len(steps) - 1)  # [B, chunks]
-    t = torch.tensor(steps, dtype=torch.float32)[k].repeat_interleave(chunk, dim=1)[:, :F]  # [B, F]
+    t = torch.tensor(steps, dtype=torch.float32, device=k.device)[k].repeat_interleave(chunk, dim=1)[:, :F]  # [B, F]
     x_t = grid.add_noise(x0_data, noise, t)
     return grid.flow_to_x0(gen(x_t, t, cond, chunk_frames=chunk), x_t, t)
 
@@ -52,19 +52,20 @@ def generate_from_data(gen, x0_data, noise, cond, steps, grid, chunk, u) -> torc
 def self_rollout(gen, noise, cond, steps, grid, chunk, exits, renoise) -> torch.Tensor:
     """Self-Forcing: the student's cached rollout; chunk c stops at step exits[c] with gradient."""
     B, _, F, h, w = noise.shape
-    cache = KVCache.full(gen.config, batch=B, tokens_per_frame=gen.config.tokens_per_frame(h, w), frames=F)
+    cache = KVCache.full(gen.config, batch=B, tokens_per_frame=gen.config.tokens_per_frame(h, w), frames=F,
+                         dtype=next(gen.parameters()).dtype, device=noise.device)
     outs = []
     for c, s in enumerate(range(0, F, chunk)):
         x = noise[:, :, s:s + chunk]
         f = x.shape[2]
         for i in range(exits[c] + 1):
-            t = torch.full((B, f), float(steps[i]))
+            t = torch.full((B, f), float(steps[i]), device=noise.device)
             with torch.set_grad_enabled(i == exits[c]):
                 x0 = grid.flow_to_x0(gen(x, t, cond, cache=cache, start_frame=s), x, t)
             if i < exits[c]:
-                x = grid.add_noise(x0, renoise(c, i, x.shape), torch.full((B,), float(steps[i + 1])))
+                x = grid.add_noise(x0, renoise(c, i, x.shape).to(x0), float(steps[i + 1]))
         with torch.no_grad():
-            gen(x0.detach(), torch.zeros(B, f), cond, cache=cache, start_frame=s)
+            gen(x0.detach(), torch.zeros(B, f, device=noise.device), cond, cache=cache, start_frame=s)
         outs.append(x0)
     return torch.cat(outs, dim=2)
 
