@@ -209,7 +209,7 @@ class CausalStream:
         self._lease.owner = self._token  # from here on the buffers are ours; the fork rebuilds if used
         self.cache.reset()
         if self.decoder is not None:
-            self.decoder = self.decoder.fresh()
+            self.decoder.reset()  # in place: forks share one decoder cache, as they share the KV buffers
         with torch.no_grad():
             for op, *args in self.journal:
                 if op == "reset":

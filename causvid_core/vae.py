@@ -170,13 +170,6 @@ class _Stream:
         one is stale (CausalStream.fork rebuilds it from its journal when needed)."""
         return copy.copy(self)
 
-    def fresh(self):
-        """The same streamer at the start of a new stream, with a cache of its own."""
-        new = copy.copy(self)
-        new.cache = FeatureCache(len(self.cache.slots))
-        new.chunks, new._key = 0, None
-        return new
-
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache: constant after the first chunk, however long the stream."""

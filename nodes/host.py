@@ -60,10 +60,11 @@ class Progress:
         self.bar.update_absolute(self.done, self.total, preview)
 
     def preview(self, frame_uint8) -> None:
-        """Show a frame (uint8 [H, W, 3]) on the node without advancing."""
+        """Show a frame (uint8 [H, W, 3], a host tensor or array) on the node without advancing."""
+        import numpy as np
         from PIL import Image
 
-        self.bar.update_absolute(self.done, self.total, ("JPEG", Image.fromarray(frame_uint8), 512))
+        self.bar.update_absolute(self.done, self.total, ("JPEG", Image.fromarray(np.asarray(frame_uint8)), 512))
 
 
 # -- devices and ComfyUI's model management --------------------------------------------------------------

@@ -175,7 +175,7 @@ class StreamChunkSampler:
             chunk = stream.step(callback=lambda _i: (host.check_interrupt(), progress.step()))
             latents.append(chunk.latents.to(out))
             frames.append(frames_to_host(chunk.frames, out))
-            progress.preview(frames[-1][-1].numpy())
+            progress.preview(frames[-1][-1])
         lat = torch.cat(latents, dim=2)
         return (state.advanced(stream, pending_image=None), latent_out(lat, stream.vae, out), uint8_to_images(frames))
 

@@ -66,7 +66,7 @@ class VideoToVideoStream:
                                 callback=lambda _i: (host.check_interrupt(), progress.step()))
             lat.append(chunk.latents.to(out_dev))
             out.append(frames_to_host(chunk.frames, out_dev))
-            progress.preview(out[-1][-1].numpy())
+            progress.preview(out[-1][-1])
             pix += n_pix
         return uint8_to_images(out), latent_out(torch.cat(lat, 2), stream.vae, out_dev)
 

@@ -19,10 +19,10 @@ A = "a red circle moving right on a black background"
 B = "a blue square moving up on a gray background"
 
 
-def _stream(comps, **kw):
+def _stream(comps, journal=False, **kw):
     kw.setdefault("max_frames", 9)
     return CausalStream(comps.model, StreamSettings(**kw), latent_hw=(4, 4), vae=comps.vae,
-                        text_encoder=comps.text_encoder)
+                        text_encoder=comps.text_encoder, journal=journal)
 
 
 def test_one_call_equals_chunk_at_a_time_equals_the_rollout():
@@ -264,3 +264,31 @@ def test_a_generation_with_a_rolling_window_stops_at_its_length():
     req = GenerationRequest(prompts=[PromptEvent(0, "a red circle"), PromptEvent(41, "a blue circle")], frames=121,
                             settings={"window_frames": 6, "sink_frames": 3})
     assert len(generate_video(comps, req, notice=lambda m: None)) == 121
+
+
+@pytest.mark.parametrize("mode", ["cut", "recache", "blend"])
+def test_a_fork_shares_the_buffers_and_an_earlier_stream_rebuilds_them_exactly(mode):
+    """What a chain of nodes does: each node forks its input (no copy of the KV or decoder cache); a
+    re-run from an earlier state replays that state's journal (evictions, recaches and decodes included)
+    and then continues exactly as an independent copy would."""
+    comps = tiny_components()
+    s = _stream(comps, max_frames=None, window_frames=6, sink_frames=2, switch_mode=mode, journal=True)
+    s.set_prompt(A)
+    s.step()
+    s.set_prompt(B)
+    s.step()
+    truth = s.clone()  # an independent copy: continuing it is what s must give
+    f = s.fork()
+    assert f.cache.store is s.cache.store and f.decoder.cache is s.decoder.cache
+    for _ in range(3):  # the window fills and evicts; the fork owns the buffers now
+        f.step()
+    assert f.owns_buffers and not s.owns_buffers
+    again = s.fork()  # s rebuilds from its journal first, in the same buffers
+    assert again.cache.store is f.cache.store and not f.owns_buffers
+    again.set_prompt(A)
+    truth.set_prompt(A)
+    for _ in range(3):
+        x, y = again.step(), truth.step()
+        assert torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames)
+    with pytest.raises(ValueError, match="journal"):
+        _stream(comps).fork()

@@ -1,0 +1,260 @@
+"""Every generation path on a device that is not the CPU, in bfloat16, without a GPU.
+
+"fake-cuda" runs under causvid_core.fakedevice.FakeDevice: tensors on a fake CUDA device that, like
+CUDA, refuse any op mixing them with a CPU tensor and any read of a value on the host; kernels are
+checked by their CUDA meta implementations. "cuda" runs the same tests for real where a GPU exists
+(skipped here: no CUDA). Paths: text-to-video, each switch mode, image-to-video in both layouts,
+video-to-video, extension, a rolling window with sinks past the RoPE table, the node chain fed by a
+ComfyUI-style VAE object, CausalDecodeStream; and the harness failing on the sampler's old CPU timestep.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import types
+
+import pytest
+import torch
+
+import causvid_core.cache as cache_mod
+from causvid_core.checkpoints import save_dit
+from causvid_core.fakedevice import FakeDevice, MemoryTracker
+from causvid_core.flow import FlowGrid
+from causvid_core.stream import CausalStream, StreamSettings
+from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
+from causvid_core.vae import StreamingEncoder, random_vae, save_vae
+from comfy_stubs import Host, stubbed_pack
+from conftest import tiny_components, tiny_model
+
+A = "a red circle moving right on a black background"
+B = "a blue square moving up on a gray background"
+DTYPE = torch.bfloat16
+
+DEVICES = [
+    pytest.param("fake", id="fake-cuda"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="skipped: no CUDA")),
+]
+
+
+class Env:
+    """A device to run on: fake CUDA (entered as a context) or the real one."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.fake = FakeDevice() if kind == "fake" else None
+        self.device = self.fake.device if self.fake else torch.device("cuda")
+
+    def module(self, m: torch.nn.Module, dtype=DTYPE) -> torch.nn.Module:
+        return self.fake.module(m, dtype) if self.fake else m.to(self.device, dtype)
+
+    def context(self):
+        return self.fake if self.fake else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _stream(env: Env, **settings):
+    """A tiny stream whose model, VAE and text encoder are on env's device in bf16 (built before the fake
+    mode is entered: weights are made on the CPU and moved, as a loader does)."""
+    comps = tiny_components()
+    for m in (comps.model, comps.vae, comps.text_encoder):
+        env.module(m)
+    fields = dict(max_frames=9)
+    fields.update(settings)
+    with env.context():
+        yield CausalStream(comps.model, StreamSettings(**fields), latent_hw=(8, 8), vae=comps.vae,
+                           text_encoder=comps.text_encoder, device=env.device)
+
+
+def _check_chunk(env: Env, chunk, frames: int) -> None:
+    # latents in float32: the DiT's head returns float32 flow and x0 is kept at that precision
+    assert chunk.latents.device == env.device and chunk.latents.dtype == torch.float32
+    assert chunk.frames.device == env.device and chunk.frames.dtype == DTYPE
+    assert chunk.frames.shape[2] == frames and chunk.frames.shape[-2:] == (64, 64)
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_text_to_video(kind):
+    env = Env(kind)
+    with _stream(env) as s:
+        s.set_prompt(A)
+        for n in (9, 12, 12):
+            _check_chunk(env, s.step(), n)
+        assert s.cache.k.device == env.device and s.cache.k.dtype == DTYPE
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("mode", ["cut", "recache", "blend"])
+def test_each_switch_mode(kind, mode):
+    env = Env(kind)
+    with _stream(env, switch_mode=mode, blend_chunks=2) as s:
+        s.set_prompt(A)
+        s.step()
+        s.set_prompt(B)
+        for _ in range(2):
+            _check_chunk(env, s.step(), 12)
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("independent_first_frame", [True, False])
+def test_image_to_video_in_both_layouts(kind, independent_first_frame):
+    env = Env(kind)
+    with _stream(env, independent_first_frame=independent_first_frame, max_frames=7) as s:
+        s.set_prompt(A)
+        image = torch.zeros(1, 3, 64, 64, dtype=DTYPE, device=env.device)
+        first = s.start_from_image(image)
+        assert (first is not None) == independent_first_frame
+        while s.frame < 7:
+            chunk = s.step()
+            assert chunk.frames.device == env.device
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_video_to_video(kind):
+    env = Env(kind)
+    with _stream(env) as s:
+        s.set_prompt(A)
+        encoder = StreamingEncoder(s.vae)
+        video = torch.zeros(1, 3, 33, 64, 64, dtype=DTYPE, device=env.device)
+        pix = 0
+        for n_pix in (9, 12, 12):
+            z = encoder.encode(video[:, :, pix:pix + n_pix])
+            assert z.device == env.device and z.dtype == DTYPE
+            _check_chunk(env, s.step(v2v_latents=z, strength=0.6), n_pix)
+            pix += n_pix
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_extension(kind):
+    env = Env(kind)
+    with _stream(env, max_frames=12) as s:
+        s.set_prompt(A)
+        clip = torch.zeros(1, 3, 21, 64, 64, dtype=DTYPE, device=env.device)
+        context = s.add_context(s.vae.encode(clip))
+        assert context.frames.shape[2] == 21
+        _check_chunk(env, s.step(), 12)
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_rolling_window_with_sinks_past_the_rope_table(kind, monkeypatch):
+    # the table is shortened so the switch to window positions comes after a few chunks: same code path
+    monkeypatch.setattr(cache_mod, "ROPE_TABLE_POSITIONS", 10)
+    env = Env(kind)
+    with _stream(env, max_frames=None, window_frames=6, sink_frames=2) as s:
+        s.set_prompt(A)
+        for _ in range(6):
+            s.step()
+        assert s.cache.window_positions and s.frame == 18 and s.cache.frames == 6
+        s.set_prompt(B, "recache")
+        _check_chunk(env, s.step(), 12)
+
+
+def test_the_harness_fails_on_a_cpu_tensor_in_the_hot_path(monkeypatch):
+    """The sampler as it was: sigma built as torch.full((B,), t) on the CPU, mixed into the device maths."""
+    def old_flow_to_x0(self, flow, xt, t):
+        return FlowGrid._new_flow_to_x0(self, flow, xt, torch.full((flow.shape[0],), float(t)))
+
+    monkeypatch.setattr(FlowGrid, "_new_flow_to_x0", FlowGrid.flow_to_x0, raising=False)
+    monkeypatch.setattr(FlowGrid, "flow_to_x0", old_flow_to_x0)
+    env = Env("fake")
+    with _stream(env) as s:
+        s.set_prompt(A)
+        with pytest.raises(RuntimeError, match="same device|cuda:0 and cpu"):
+            s.step()
+
+
+# -- the nodes, fed by a ComfyUI-style VAE object ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fake_host")
+    (base / "diffusion_models").mkdir()
+    (base / "output").mkdir()
+    torch.manual_seed(0)
+    save_dit(tiny_model(), base / "diffusion_models" / "tiny_student.safetensors")
+    save_vae(random_vae("wan-tiny"), base / "diffusion_models" / "vae.safetensors")
+    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=24, text_len=8)).eval(),
+                      base / "diffusion_models" / "text.safetensors")
+    return base
+
+
+@contextlib.contextmanager
+def _pack_on(env: Env, base, monkeypatch):
+    host = Host(base / "diffusion_models", base / "output", env.device, move=lambda m: env.module(m, None))
+    with stubbed_pack(host, "causvid_fake_pack") as pack:
+        previews = []
+        # a preview is host I/O (PIL): record the frame that reached it instead of drawing it
+        monkeypatch.setattr(pack.nodes.host.Progress, "preview",
+                            lambda self, frame: previews.append((frame.device, frame.dtype, tuple(frame.shape))))
+        yield pack, host, previews
+
+
+def _comfy_vae(env: Env):
+    """What ComfyUI's VAELoader returns for wan_2.1_vae: weights left on the CPU in float32 after loading,
+    a patcher that loads them to the device."""
+    import comfy.model_patcher
+
+    fsm = random_vae("wan-tiny", seed=1)
+    patcher = comfy.model_patcher.ModelPatcher(fsm, load_device=env.device, offload_device=torch.device("cpu"))
+    return types.SimpleNamespace(first_stage_model=fsm, patcher=patcher, device=env.device)
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_node_chain_with_a_comfyui_vae_and_streaming_decode(kind, model_files, monkeypatch):
+    env = Env(kind)
+    with _pack_on(env, model_files, monkeypatch) as (pack, host, previews):
+        nodes = pack.NODE_CLASS_MAPPINGS
+        model = nodes["LoadCausalModel"]().load("tiny_student.safetensors", "auto", 0, 0, 0)[0]
+        cond = nodes["CausalTextEncode"]().encode(model, A)[0]
+        vae = _comfy_vae(env)
+        with env.context():
+            state = nodes["CausalKVState"]().create(model, 32, 32, 33, 0, vae=vae)[0]
+            s1, lat1, img1 = nodes["StreamChunkSampler"]().sample(state, 1, "model default", conditioning=cond)
+            s2, lat2, img2 = nodes["StreamChunkSampler"]().sample(s1, 2, "causvid-3step", conditioning=cond)
+            assert next(model.model.parameters()).device == env.device
+            assert next(vae.first_stage_model.parameters()).device == env.device
+            assert img1.shape == (9, 32, 32, 3) and img2.shape == (24, 32, 32, 3)
+            for img, lat in ((img1, lat1), (img2, lat2)):  # outputs on ComfyUI's intermediate device
+                assert img.device.type == "cpu" and img.dtype == torch.float32
+                assert lat["samples"].device.type == "cpu" and lat["samples"].dtype == torch.float32
+            assert previews and all(p[0].type == "cpu" and p[1] == torch.uint8 for p in previews)
+            assert all(force for _, _, force in host.loads)  # full loads: plain torch layers
+            i2v = nodes["CausalImageToVideo"]().seed_image(state, torch.zeros(1, 32, 32, 3))[0]
+            nodes["StreamChunkSampler"]().sample(i2v, 1, "model default", conditioning=cond)
+            (decoded,) = nodes["CausalDecodeStream"]().decode(lat2, 2, vae=vae)
+            assert decoded.shape == (21, 32, 32, 3) and decoded.device.type == "cpu"  # a new stream: 1 + 4 + 4 ...
+            images, _ = nodes["VideoToVideoStream"]().restyle(model, torch.zeros(17, 32, 32, 3), cond, 0.6, 0,
+                                                               "model default", vae=vae)
+            assert images.shape == (17, 32, 32, 3)
+
+
+def test_two_chained_samplers_hold_one_kv_cache(model_files, monkeypatch):
+    """Device allocations read by the tracker: a chain of samplers adds no second KV cache, while every
+    state stays alive (as in ComfyUI's output cache)."""
+    env = Env("fake")
+    with _pack_on(env, model_files, monkeypatch) as (pack, _, _):
+        nodes = pack.NODE_CLASS_MAPPINGS
+        model = nodes["LoadCausalModel"]().load("tiny_student.safetensors", "auto", 0, 0, 0)[0]
+        cond = nodes["CausalTextEncode"]().encode(model, A)[0]
+        dev = str(env.device)
+        with env.context(), MemoryTracker() as tracker:
+            state = nodes["CausalKVState"]().create(model, 64, 64, 81, 0)[0]
+            host_load = state.load
+            host_load()
+            tracker.track(model.model, model.components.vae)
+            s1 = nodes["StreamChunkSampler"]().sample(state, 1, "model default", conditioning=cond)[0]
+            gc.collect()
+            one = tracker.current_bytes(dev)
+            s2 = nodes["StreamChunkSampler"]().sample(s1, 2, "model default", conditioning=cond)[0]
+            s3 = nodes["StreamChunkSampler"]().sample(s2, 1, "model default", conditioning=cond)[0]
+            gc.collect()
+            three = tracker.current_bytes(dev)
+            kv = state.stream.cache.store.nbytes
+            assert kv > 0 and s3.stream.cache.store is state.stream.cache.store
+            # what may grow: the clean latents a state keeps for recaching (bounded by the cache's frames)
+            grown = three - one - sum(t.nbytes for t in s3.stream.history) + sum(t.nbytes for t in s1.stream.history)
+            assert grown < kv / 4, f"{grown} bytes more after two more samplers; one KV cache is {kv}"
+            # a re-run of the second sampler from s1 (ComfyUI re-executing it) rebuilds s1's cache in the
+            # same buffer: still one KV cache
+            nodes["StreamChunkSampler"]().sample(s1, 2, "model default", conditioning=cond)
+            gc.collect()
+            assert tracker.current_bytes(dev) - three < kv / 4
