@@ -179,3 +179,79 @@ def bench_stream(seconds: float = 600.0, model_path: Optional[str] = None, size:
         "rss_mb": round(rss_end, 1), "wall_s": round(wall, 1),
         "cache_speedup": round(full / cached, 2),
     }
+
+
+def bench_stream_cuda(args) -> int:
+    """`causvid bench stream --device cuda --model FILE --size 832x480`: a stream on a real GPU in bf16 with
+    SDPA: frames per second, seconds to the first decoded chunk, peak device memory. Prints one JSON line;
+    exits 1 where there is no CUDA device (never run by CI)."""
+    import json
+    import sys
+
+    if not torch.cuda.is_available():
+        print("causvid bench stream --device cuda: no CUDA device here (torch.cuda.is_available() is False); "
+              "run it on a machine with an NVIDIA GPU", file=sys.stderr)
+        return 1
+    if not args.model:
+        print("causvid bench stream --device cuda: give --model (a Wan / CausVid / Self-Forcing DiT file)",
+              file=sys.stderr)
+        return 2
+    from .checkpoints import load_dit
+    from .stream import CausalStream, StreamSettings
+    from .vae import load_vae, random_vae
+    from .video_io import frames_uint8
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    model = load_dit(args.model, dtype=dtype, device=device)
+    vae_path = getattr(args, "vae", None)
+    vae = (load_vae(vae_path, dtype=dtype, device=device) if vae_path
+           else random_vae("wan2.1", dtype=dtype).to(device))  # same cost as the real weights
+    compiled = False
+    if args.compile:
+        try:
+            for i, blk in enumerate(model.blocks):
+                model.blocks[i] = torch.compile(blk, dynamic=False)
+            compiled = True
+        except Exception as exc:  # compile is optional: the eager model is the reference
+            print(f"[bench] torch.compile unavailable ({exc}); running eager", file=sys.stderr)
+    width, height = args.size
+    seconds = args.seconds if args.seconds_given else 10.0
+    frames = int(seconds * 16) // 4 * 4 + 1
+    F = (frames - 1) // 4 + 1
+    settings = StreamSettings.from_preset("self-forcing-4step", max_frames=F, window_frames=args.window,
+                                          sink_frames=args.sinks if args.window else 0)
+    cond = torch.randn(1, model.config.text_len, model.config.text_dim, dtype=dtype)
+
+    def run() -> tuple[float, float, int]:
+        stream = CausalStream(model, settings, latent_hw=(height // 8, width // 8), vae=vae, device=device)
+        stream.set_prompt(cond)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        first, made = None, 0
+        while stream.frame < F:
+            chunk = stream.step()
+            made += frames_uint8(chunk.frames).cpu().shape[0]  # the copy to the host synchronises
+            first = first if first is not None else time.perf_counter() - t0
+        return time.perf_counter() - t0, first, made
+
+    try:
+        run_warm = run()  # warm-up (kernels, compile)
+    except Exception as exc:
+        if not compiled:
+            raise
+        print(f"[bench] compiled model failed ({exc}); running eager", file=sys.stderr)
+        for i, blk in enumerate(model.blocks):
+            model.blocks[i] = getattr(blk, "_orig_mod", blk)
+        compiled, run_warm = False, run()
+    del run_warm
+    torch.cuda.reset_peak_memory_stats()
+    wall, first, made = run()
+    result = {
+        "bench": "stream", "device": torch.cuda.get_device_name(), "model": args.model, "size": f"{width}x{height}",
+        "dtype": "bfloat16", "compiled": compiled, "frames": made, "window_frames": args.window,
+        "sink_frames": settings.sink_frames, "fps": round(made / wall, 2), "real_time_factor": round(made / wall / 16, 2),
+        "first_chunk_s": round(first, 3), "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "wall_s": round(wall, 2),
+    }
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)
+    return 0

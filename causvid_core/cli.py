@@ -16,6 +16,16 @@ def _latent_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _pixel_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 832x480 (width x height), got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return w, h
+
+
 def _print_json(result: dict, compact: bool) -> None:
     print(json.dumps(result) if compact else json.dumps(result, indent=2), flush=True)
 
@@ -32,11 +42,32 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    args.seconds_given = args.seconds is not None
+    if args.seconds is None:
+        args.seconds = 600.0
     if args.what == "model":
         from .bench import bench_model
 
-        result = bench_model(args.preset or "wan2.1-t2v-1.3b", latent_hw=args.latent, frames=args.frames,
+        result = bench_model(args.preset or "wan2.1-t2v-1.3b", latent_hw=args.latent, frames=args.frames or 21,
                              chunk=args.chunk, repeats=args.repeats)
+    elif args.what == "memory":
+        from .memory import bench_memory
+
+        if args.device != "cuda":
+            print(f"causvid bench memory: --device {args.device}: only cuda is modelled", file=sys.stderr)
+            return 2
+        if args.window is None and args.seconds_given:
+            print("causvid bench memory: --seconds makes an endless stream: give --window (and --sinks)",
+                  file=sys.stderr)
+            return 2
+        try:
+            result = bench_memory(args.preset or "wan2.1-t2v-1.3b", size=args.size,
+                                  frames=None if args.seconds_given else (args.frames or 81),
+                                  seconds=args.seconds if args.seconds_given else None,
+                                  window=args.window, sinks=args.sinks, chunk_frames=args.chunk)
+        except ValueError as exc:
+            print(f"causvid bench memory: {exc}", file=sys.stderr)
+            return 2
     elif args.what == "vae":
         from .vae_bench import bench_vae
 
@@ -44,6 +75,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "stream":
         from .bench import bench_stream
 
+        if args.device == "cuda":
+            from .bench import bench_stream_cuda
+
+            return bench_stream_cuda(args)
         result = bench_stream(seconds=args.seconds, model_path=args.model)
     else:  # argparse restricts the choices
         raise AssertionError(args.what)
@@ -289,14 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_parity)
 
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=("model", "vae", "stream"))
-    b.add_argument("--preset", help="model preset (default: wan2.1-t2v-1.3b for model, shapes for vae)")
+    b.add_argument("what", choices=("model", "vae", "stream", "memory"))
+    b.add_argument("--preset", help="model preset (default: wan2.1-t2v-1.3b for model and memory, shapes for vae)")
     b.add_argument("--latent", type=_latent_size, default=(32, 32), help="latent HxW (model bench)")
-    b.add_argument("--frames", type=int, default=21, help="stream length in latent frames (model bench)")
+    b.add_argument("--frames", type=int, default=None,
+                   help="stream length: latent frames for model (default 21), pixel frames 4k+1 for memory (81)")
+    b.add_argument("--size", type=_pixel_size, default=(832, 480), help="WxH in pixels (memory, stream --device cuda)")
+    b.add_argument("--window", type=int, default=None, help="rolling KV window in latent frames (memory)")
+    b.add_argument("--sinks", type=int, default=0, help="sink frames of the window (memory)")
+    b.add_argument("--device", default="cpu",
+                   help="memory: cuda (modelled with fake tensors); stream: cuda runs on a real GPU")
+    b.add_argument("--compile", action="store_true", help="stream --device cuda: torch.compile the DiT blocks")
     b.add_argument("--chunk", type=int, default=3, help="frames per chunk (model bench)")
     b.add_argument("--repeats", type=int, default=2, help="timed repeats, best kept (model bench)")
-    b.add_argument("--seconds", type=float, default=600.0, help="seconds of video (stream bench)")
+    b.add_argument("--seconds", type=float, default=None,
+                   help="seconds of video (stream bench, default 600; memory: an endless stream this long)")
     b.add_argument("--model", help="DiT checkpoint (stream bench; default: the built-in model)")
+    b.add_argument("--vae", help="stream --device cuda: the Wan VAE file (default: random weights, the same cost)")
     b.add_argument("--json", action="store_true", help="one compact JSON line")
     b.set_defaults(func=cmd_bench)
 
