@@ -165,12 +165,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .checkpoints import CheckpointError
     from .generate import generate_chunks, latent_frames
-    from .pipeline import load_components
     from .schedule import PromptEvent, ScheduleError
     from .video_io import FPS, Mp4Writer, to_uint8
 
     try:
-        comps = load_components(args.model, args.vae, args.text_encoder)
+        comps = _components(args)
         if args.prompts:
             lines = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
             if not args.out_dir:
@@ -204,13 +203,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     from .checkpoints import CheckpointError
     from .generate import latent_size
-    from .pipeline import load_components
     from .schedule import ScheduleError, snap_schedule
     from .stream import CausalStream, StreamSettings
     from .video_io import to_uint8, write_mp4
 
     try:
-        comps = load_components(args.model, args.vae, args.text_encoder)
+        comps = _components(args)
         prompts = _prompts(args)
         fields = {**comps.stream_defaults, **_settings(args), "seed": args.seed}
         if not fields.get("window_frames"):  # an endless stream needs a rolling window: LongLive's 12 + 3 sinks
@@ -218,7 +216,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
             fields.setdefault("sink_frames", 3)
         settings = StreamSettings.from_fields(fields)
         stream = CausalStream(comps.model, settings, latent_hw=latent_size(comps, args.height or 64, args.width or 64),
-                              vae=comps.vae, text_encoder=comps.text_encoder)
+                              vae=comps.vae, text_encoder=comps.text_encoder,
+                              device=next(comps.model.parameters()).device)
         layout_len = 1 + max(p.frame for p in prompts) // 4 + settings.chunk_frames
         layout = [settings.chunk_size(i) for i in range(layout_len)]
         by_chunk, notices = snap_schedule(prompts, layout)
@@ -280,6 +279,34 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--window", type=int, help="rolling KV window in latent frames (endless streams)")
     p.add_argument("--sinks", type=int, default=0, help="sink frames kept at the start of the window")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, else mps, else cpu), or a torch device such as cuda:1; the text encoder stays "
+                        "on the CPU (umT5-XXL would take 6-11 GB of a GPU for one prompt)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="DiT and VAE weights: auto = float32 on the CPU, bfloat16 on a GPU")
+
+
+def _components(args: argparse.Namespace):
+    """The model parts on the device and dtype the options ask for."""
+    import torch
+
+    from .pipeline import load_components
+
+    if args.device == "auto":
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    else:
+        device = args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if dtype is None and device.type != "cpu":
+        dtype = torch.bfloat16
+    return load_components(args.model, args.vae, args.text_encoder, device=device, dtype=dtype, text_device="cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -355,7 +355,7 @@ class CausalStream:
             raise ValueError("image-to-video needs a VAE (or pass the encoded latent [B, C, 1, h, w])")
         from .vae import StreamingEncoder
         with torch.no_grad():
-            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2))
+            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2).to(self.device))
         if latent.shape[-2:] != self.latent_hw:
             raise ValueError(f"the image encodes to a {tuple(latent.shape[-2:])} latent; the stream is {self.latent_hw}")
         return latent.to(self.device, self.dtype)

@@ -148,6 +148,30 @@ def test_rolling_window_with_sinks_past_the_rope_table(kind, monkeypatch):
         _check_chunk(env, s.step(), 12)
 
 
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("source", ["image", "video", "extend"])
+def test_cli_generation_paths_bring_their_inputs_to_the_device(kind, source):
+    """`causvid generate --image / --video / --extend`: uint8 frames from files, on the host, in."""
+    import numpy as np
+
+    from causvid_core.generate import GenerationRequest, generate_chunks
+    from causvid_core.schedule import PromptEvent
+
+    env = Env(kind)
+    comps = tiny_components()
+    for m in (comps.model, comps.vae):
+        env.module(m)
+    frames = {"image": None, "video": np.zeros((33, 64, 64, 3), np.uint8), "extend": np.zeros((9, 64, 64, 3), np.uint8)}
+    req = GenerationRequest(prompts=[PromptEvent(0, A)], frames=33, height=64, width=64,
+                            image=np.zeros((64, 64, 3), np.uint8) if source == "image" else None,
+                            video=frames["video"] if source == "video" else None,
+                            extend=frames["extend"] if source == "extend" else None)
+    with env.context():
+        chunks = list(generate_chunks(comps, req, notice=lambda m: None))
+    assert sum(c.frames.shape[2] for c in chunks) == 33
+    assert all(c.frames.device == env.device for c in chunks)
+
+
 def test_the_harness_fails_on_a_cpu_tensor_in_the_hot_path(monkeypatch):
     """The sampler as it was: sigma built as torch.full((B,), t) on the CPU, mixed into the device maths."""
     def old_flow_to_x0(self, flow, xt, t):
