@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from .config import ROPE_TABLE_POSITIONS, DiTConfig
@@ -41,23 +42,47 @@ from .rope import Rope, shift_time
 ROPE_MODES = ("auto", "absolute", "window")
 
 
+class KVCacheBuffers(nn.Module):
+    """Holds a KV cache's two buffers, `k` and `v` (its name is what a host's memory log shows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k", None)
+        self.register_buffer("v", None)
+
+
 class KVStore:
     """The K and V buffers [layers, B, H, capacity_tokens, d], allocated at their first use, so a stream
-    made early in a graph takes no device memory before it runs. Shared by `KVCache.share` views."""
+    made early in a graph takes no device memory before it runs. Shared by `KVCache.share` views.
+
+    The buffers are the two buffers of a small nn.Module (`module`), so a host that manages module memory
+    (ComfyUI's model management, through a ModelPatcher) can load and offload them like weights; they are
+    always read from the module, which such a host may give new tensors when it moves it."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str):
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
+        self.module = KVCacheBuffers()
 
-    def allocate(self) -> None:
-        if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            self.v = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+    @property
+    def k(self) -> Optional[Tensor]:
+        return self.module.k
+
+    @property
+    def v(self) -> Optional[Tensor]:
+        return self.module.v
+
+    def allocate(self, device: Optional[torch.device | str] = None, zero: bool = True) -> None:
+        """Make the buffers (on `device`, default the cache's). zero=False leaves them uninitialised: only
+        written slots are ever read, and untouched host pages cost no memory until they are moved."""
+        if self.module.k is None:
+            make = torch.zeros if zero else torch.empty
+            where = torch.device(device) if device is not None else self.device
+            self.module.k = make(self.shape, dtype=self.dtype, device=where)
+            self.module.v = make(self.shape, dtype=self.dtype, device=where)
 
     def release(self) -> None:
-        """Free the buffers (the next use allocates them again, zeroed)."""
-        self.k = self.v = None
+        """Free the buffers (the next use allocates them again)."""
+        self.module.k = self.module.v = None
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +171,7 @@ class KVCache:
         new = copy.copy(self)
         new.store = KVStore(self.store.shape, self.store.dtype, self.store.device)
         if self.store.k is not None:
-            new.store.k, new.store.v = self.store.k.clone(), self.store.v.clone()
+            new.store.module.k, new.store.module.v = self.store.k.clone(), self.store.v.clone()
         new.cross = list(self.cross)
         return new
 

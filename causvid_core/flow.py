@@ -64,6 +64,7 @@ class FlowGrid:
         self.shift = float(shift)
         self.sigma_values, self.timestep_values = _grid_values(self.shift, num_points)
         self._device_tables: dict[str, tuple[Tensor, Tensor]] = {}
+        self._host_sigmas: dict[float, float] = {}  # a stream asks for the same few timesteps every chunk
 
     @property
     def sigmas(self) -> Tensor:
@@ -79,9 +80,12 @@ class FlowGrid:
         tensor made), else a float32 tensor of t's shape on t's device."""
         if not isinstance(t, Tensor):
             t = float(t)
-            ts = self.timestep_values
-            idx = min(range(len(ts)), key=lambda i: abs(ts[i] - t))  # the first of equals, like argmin
-            return self.sigma_values[idx]
+            sigma = self._host_sigmas.get(t)
+            if sigma is None:
+                ts = self.timestep_values
+                idx = min(range(len(ts)), key=lambda i: abs(ts[i] - t))  # the first of equals, like argmin
+                sigma = self._host_sigmas[t] = self.sigma_values[idx]
+            return sigma
         dt = exact_dtype(t.device)
         sigmas, timesteps = self._on(t.device)
         idx = (timesteps.to(dt).view(*([1] * t.dim()), -1) - t.to(dt).unsqueeze(-1)).abs().argmin(dim=-1)

@@ -189,14 +189,15 @@ class StreamingDecoder(_Stream):
 
     The first latent of a stream gives 1 pixel frame, every later one 4. The cache (the last inputs of
     every causal conv) is kept between calls and has a fixed size, so memory is flat over endless streams.
-    It is in the VAE's dtype and on its device. A chunk is decoded one latent frame at a time
-    (`latents_per_pass`), the reference's own chunking: the same frames, and the activation peak of one
-    latent frame instead of a whole chunk (at 832x480: 4 frames of 96+ channels at full size).
+    It is in the VAE's dtype and on its device. Off the CPU a chunk is decoded one latent frame at a time
+    (`latents_per_pass`, the reference's own chunking): the same frames, and the activation peak of one
+    latent frame instead of a whole chunk (at 832x480: 4 frames of 96+ channels at full size). On the CPU,
+    where memory is not the limit, the whole chunk goes in one pass (larger convs are faster there).
     """
 
-    def __init__(self, vae: WanVAE, clamp: bool = True, latents_per_pass: int = 1):
+    def __init__(self, vae: WanVAE, clamp: bool = True, latents_per_pass: Optional[int] = None):
         super().__init__(vae, vae.decoder_cache())
-        if latents_per_pass < 1:
+        if latents_per_pass is not None and latents_per_pass < 1:
             raise ValueError(f"latents_per_pass must be >= 1, got {latents_per_pass}")
         self.clamp, self.latents_per_pass = clamp, latents_per_pass
 
@@ -205,7 +206,8 @@ class StreamingDecoder(_Stream):
         """latent [B, Z, n, h, w] -> frames [B, 3, 4n (or 4n-3 for the first chunk), 8h, 8w], VAE dtype."""
         self.vae.check_latent(latent, "StreamingDecoder.decode")
         self._check_same_stream(latent, "StreamingDecoder.decode")
-        n, step = latent.shape[2], self.latents_per_pass
+        n = latent.shape[2]
+        step = self.latents_per_pass or (n if latent.device.type == "cpu" else 1)
         parts = [self.vae.decode_chunk(latent[:, :, s:s + step], self.cache) for s in range(0, n, step)]
         frames = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         self.chunks += 1

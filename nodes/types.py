@@ -49,10 +49,20 @@ class StreamState:
     comfy_vae: Any = None  # ComfyUI's VAE object when the stream decodes with it
 
     def load(self) -> None:
-        """Have ComfyUI load the DiT and the VAE for this stream's next chunks (see host.load)."""
+        """Have ComfyUI load the DiT, the VAE and this stream's KV cache for its next chunks (host.load).
+
+        The KV cache is a model to ComfyUI too: one ModelPatcher per stream lineage (forks share the
+        buffers, so they share it), made on the offload device with untouched pages and moved to the GPU
+        with the weights. When another workflow needs the memory, ComfyUI offloads it like any model
+        (to host memory, contents kept) and the next sampler loads it back."""
         from . import host
 
-        host.load(self.patchers, self.stream.memory_needed())
+        store = self.stream.cache.store
+        if store.k is None:
+            store.allocate(device=host.offload_device(), zero=False)
+        if getattr(store, "patcher", None) is None:
+            store.patcher = host.model_patcher(store.module)
+        host.load((*self.patchers, store.patcher), self.stream.memory_needed())
         if self.comfy_vae is not None:
             bind_comfy_vae(self.stream.vae, self.comfy_vae)
 

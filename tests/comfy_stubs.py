@@ -61,7 +61,8 @@ def stub_modules(host: Host) -> dict[str, types.ModuleType]:
                         force_full_load=False):
         host.loads.append(([type(p.model).__name__ for p in models], memory_required, force_full_load))
         for p in models:
-            if host.move is not None and next(p.model.parameters()).device != torch.device(p.load_device):
+            tensors = [t for t in p.model.state_dict(keep_vars=True).values() if t is not None]
+            if host.move is not None and any(t.device != torch.device(p.load_device) for t in tensors):
                 host.move(p.model)
 
     utils.ProgressBar = ProgressBar

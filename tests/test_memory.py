@@ -51,6 +51,7 @@ def _real_cpu_run(dtype=torch.float32) -> dict:
         tr.track(model, vae)
         weights = tr.current_bytes("cpu")
         s = CausalStream(model, settings, latent_hw=(8, 8), vae=vae)
+        s.decoder.latents_per_pass = 1  # as on a GPU (the CPU decodes a chunk in one pass)
         s.set_prompt(torch.zeros(1, 16, 32, dtype=dtype))
         while s.frame < 9:
             s.step()

@@ -203,3 +203,23 @@ def test_endless_state_with_a_window(pack):
     state = _state(pack, model, length=0)
     s, _, img = _sample(pack, state, 5, conditioning=_cond(pack, model))
     assert s.stream.frame == 15 and s.stream.cache.frames == 6 and img.shape[0] == 9 + 4 * 12
+
+
+def test_the_kv_cache_is_a_model_comfyui_loads_and_offloads(pack):
+    """The KV buffers go through ComfyUI's model management: loaded with the weights, and when ComfyUI
+    offloads them between two samplers (new tensors, as Module.to gives) the chain continues exactly."""
+    _, host = pack
+    model = _model(pack)
+    cond = _cond(pack, model)
+    state = _state(pack, model)
+    host.loads.clear()
+    s1, _, _ = _sample(pack, state, 1, conditioning=cond)
+    assert host.loads[-1][0] == ["WanDiT", "WanVAE", "KVCacheBuffers"] and all(force for _, _, force in host.loads)
+    store = s1.stream.cache.store
+    assert store.patcher.model is store.module
+    s2_ref, lat_ref, _ = _sample(pack, s1, 2, conditioning=cond)
+    s1b, _, _ = _sample(pack, state, 1, conditioning=cond)  # rebuild s1's lineage state again
+    mod = s1b.stream.cache.store.module
+    mod.k, mod.v = mod.k.clone(), mod.v.clone()  # what an offload and reload leave: other tensors, same values
+    _, lat, _ = _sample(pack, s1b, 2, conditioning=cond)
+    assert torch.equal(lat["samples"], lat_ref["samples"])
