@@ -84,6 +84,12 @@ class FeatureCache:
     def empty(self) -> bool:
         return all(s is None for s in self.slots)
 
+    def to_(self, device: torch.device | str) -> None:
+        """Move every slot to `device`, in place (a no-op for slots already there)."""
+        for i, t in enumerate(self.slots):
+            if t is not None:
+                self.slots[i] = t.to(device)
+
     @property
     def nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.slots if s is not None)

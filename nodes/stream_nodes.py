@@ -176,6 +176,7 @@ class StreamChunkSampler:
             latents.append(chunk.latents.to(out))
             frames.append(frames_to_host(chunk.frames, out))
             progress.preview(frames[-1][-1])
+        stream.park(host.offload_device())  # the decoder cache leaves the GPU between nodes
         lat = torch.cat(latents, dim=2)
         return (state.advanced(stream, pending_image=None), latent_out(lat, stream.vae, out), uint8_to_images(frames))
 

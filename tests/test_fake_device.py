@@ -274,6 +274,9 @@ def test_two_chained_samplers_hold_one_kv_cache(model_files, monkeypatch):
             three = tracker.current_bytes(dev)
             kv = state.stream.cache.store.nbytes
             assert kv > 0 and s3.stream.cache.store is state.stream.cache.store
+            # between nodes the decoder cache is parked on the host and the cross-attention K/V dropped
+            assert all(t.device.type == "cpu" for t in s3.stream.decoder.cache.slots if t is not None)
+            assert s3.stream.cache.cross_nbytes == 0
             # what may grow: the clean latents a state keeps for recaching (bounded by the cache's frames)
             grown = three - one - sum(t.nbytes for t in s3.stream.history) + sum(t.nbytes for t in s1.stream.history)
             assert grown < kv / 4, f"{grown} bytes more after two more samplers; one KV cache is {kv}"
