@@ -65,11 +65,11 @@ class KVStore:
 
     @property
     def k(self) -> Optional[Tensor]:
-        return self.module.k
+        return self.module._buffers["k"]  # the dict itself: Module.__getattr__ costs a lookup per layer
 
     @property
     def v(self) -> Optional[Tensor]:
-        return self.module.v
+        return self.module._buffers["v"]
 
     def allocate(self, device: Optional[torch.device | str] = None, zero: bool = True) -> None:
         """Make the buffers (on `device`, default the cache's). zero=False leaves them uninitialised: only
@@ -157,13 +157,19 @@ class KVCache:
 
     @property
     def k(self) -> Tensor:
-        self.store.allocate()
-        return self.store.k
+        k = self.store.k
+        if k is None:
+            self.store.allocate()
+            k = self.store.k
+        return k
 
     @property
     def v(self) -> Tensor:
-        self.store.allocate()
-        return self.store.v
+        v = self.store.v
+        if v is None:
+            self.store.allocate()
+            v = self.store.v
+        return v
 
     def clone(self) -> "KVCache":
         """An independent copy (the K/V buffers are copied; the cross-attention K/V, never written in
@@ -234,20 +240,21 @@ class KVCache:
         """Write this chunk's k, v [B, H, n*T, d] for `layer`; return the attended window [B, H, L, d]."""
         s = self._slots
         T = self.tokens_per_frame
+        K, V = self.k[layer], self.v[layer]  # [B, H, T_cap, d]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # Training through the cache (Self-Forcing): the attended window is built from the cached
             # past (no gradient into it) and this chunk's own K/V (with gradient), as a new tensor; the
             # buffer gets a detached copy, so later chunks see this one and backward never reads the
             # buffer, which later calls overwrite in place.
             past = s.local_start * T
-            kw = torch.cat([self.k[layer, :, :, :past], k.to(self.k.dtype)], dim=2)
-            vw = torch.cat([self.v[layer, :, :, :past], v.to(self.v.dtype)], dim=2)
-            self.k[layer, :, :, s.local_start * T: s.local_end * T] = k.detach()
-            self.v[layer, :, :, s.local_start * T: s.local_end * T] = v.detach()
+            kw = torch.cat([K[:, :, :past], k.to(K.dtype)], dim=2)
+            vw = torch.cat([V[:, :, :past], v.to(V.dtype)], dim=2)
+            K[:, :, s.local_start * T: s.local_end * T] = k.detach()
+            V[:, :, s.local_start * T: s.local_end * T] = v.detach()
             return kw, vw
-        self.k[layer, :, :, s.local_start * T: s.local_end * T] = k
-        self.v[layer, :, :, s.local_start * T: s.local_end * T] = v
-        return self.k[layer, :, :, : s.local_end * T], self.v[layer, :, :, : s.local_end * T]
+        K[:, :, s.local_start * T: s.local_end * T] = k
+        V[:, :, s.local_start * T: s.local_end * T] = v
+        return K[:, :, : s.local_end * T], V[:, :, : s.local_end * T]
 
     # -- internals ---------------------------------------------------------------------------
     def _evict(self, evict: int) -> None:

@@ -48,6 +48,13 @@ def _grid_values(shift: float, num_points: int) -> tuple[tuple[float, ...], tupl
         return tuple(sigmas.tolist()), tuple((sigmas * NUM_TRAIN_TIMESTEPS).tolist())
 
 
+@functools.lru_cache(maxsize=4096)  # streams ask for the same few timesteps every chunk
+def _nearest_sigma(shift: float, num_points: int, t: float) -> float:
+    sigmas, ts = _grid_values(shift, num_points)
+    idx = min(range(len(ts)), key=lambda i: abs(ts[i] - t))  # the first of equals, like argmin
+    return sigmas[idx]
+
+
 def _real_cpu():
     try:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -64,7 +71,6 @@ class FlowGrid:
         self.shift = float(shift)
         self.sigma_values, self.timestep_values = _grid_values(self.shift, num_points)
         self._device_tables: dict[str, tuple[Tensor, Tensor]] = {}
-        self._host_sigmas: dict[float, float] = {}  # a stream asks for the same few timesteps every chunk
 
     @property
     def sigmas(self) -> Tensor:
@@ -79,13 +85,7 @@ class FlowGrid:
         """Sigma of the grid point nearest to each t: a float for a float t (looked up on the host, no
         tensor made), else a float32 tensor of t's shape on t's device."""
         if not isinstance(t, Tensor):
-            t = float(t)
-            sigma = self._host_sigmas.get(t)
-            if sigma is None:
-                ts = self.timestep_values
-                idx = min(range(len(ts)), key=lambda i: abs(ts[i] - t))  # the first of equals, like argmin
-                sigma = self._host_sigmas[t] = self.sigma_values[idx]
-            return sigma
+            return _nearest_sigma(self.shift, len(self.sigma_values), float(t))
         dt = exact_dtype(t.device)
         sigmas, timesteps = self._on(t.device)
         idx = (timesteps.to(dt).view(*([1] * t.dim()), -1) - t.to(dt).unsqueeze(-1)).abs().argmin(dim=-1)

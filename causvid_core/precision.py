@@ -11,5 +11,6 @@ import torch
 
 
 def exact_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type  # per layer: cheap
+    return torch.float64 if kind == "cpu" else torch.float32
 
