@@ -45,8 +45,10 @@ from .cache import KVCache
 from .flow import FlowGrid, step_preset
 from .sampler import denoise_chunk, seeded_noise
 from .schedule import SWITCH_MODES, latent_to_pixel
+from .vae import decode_memory
 
 INIT_NOISE_STEP = -1  # the step index under which a chunk's starting noise is drawn
+JOURNAL_MEMO = 8  # recently recorded tensors whose journal copy is reused (latents: write then decode)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class CausalStream:
         # are kept on journal_device (default: the stream's device)
         self.journal: Optional[list[tuple]] = [] if journal else None
         self.journal_device = torch.device(journal_device) if journal_device is not None else self.device
+        self._journal_copies: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (tensor, its journal copy)
         self._token = object()
         self._lease = _Lease(self._token)
 
@@ -159,6 +162,7 @@ class CausalStream:
         new.history = deque(self.history)
         new.decoder = self.decoder.clone() if self.decoder is not None else None
         new.journal = list(self.journal) if self.journal is not None else None
+        new._journal_copies = dict(self._journal_copies)
         new._token = object()
         new._lease = _Lease(new._token)
         return new
@@ -174,14 +178,16 @@ class CausalStream:
         new.history = deque(self.history)
         new.decoder = self.decoder.share() if self.decoder is not None else None
         new.journal = list(self.journal)
+        new._journal_copies = dict(self._journal_copies)
         new._token = object()
         self._lease.owner = new._token
         return new
 
     def memory_needed(self) -> int:
         """Device bytes the next chunks need beyond the weights: the KV buffers if they are not allocated
-        yet, the cross-attention K/V, a chunk's activations and a one-latent-frame decode (an estimate
-        with headroom, for ComfyUI's model management; `causvid bench memory` measures the real peak)."""
+        yet, the cross-attention K/V, and the larger of a chunk's activations and a decode, plus the
+        decoder cache when it is not on the device (parked, or not made yet). An estimate with headroom
+        for ComfyUI's model management; `causvid bench memory` measures the real peak."""
         cfg, item = self.model.config, self.dtype.itemsize
         tokens = self.settings.chunk_frames * cfg.tokens_per_frame(*self.latent_hw)
         kv = self.cache.store.nbytes if self.cache.store.k is None else 0
@@ -189,13 +195,20 @@ class CausalStream:
         # a block's peak: the FFN hidden state twice (before / after GELU) and float32 residual and
         # modulation copies of the tokens
         chunk = tokens * (2 * cfg.ffn_dim * item + 8 * cfg.dim * 4)
-        decode = 0
+        decode = decoder_cache = 0
         if self.vae is not None:
-            vc = self.vae.config
-            h, w = self.latent_hw
-            pixels = vc.time_factor * h * w * vc.space_factor ** 2
-            decode = 6 * pixels * vc.dim * next(self.vae.parameters()).dtype.itemsize
-        return kv + cross + max(chunk, decode)
+            decode = decode_memory(self.vae, self.latent_hw)
+            slots = [t for t in self.decoder.cache.slots if t is not None]
+            if not slots:
+                decoder_cache = decode  # made at the first decode; about the size of a decode's peak
+            elif slots[0].device != self.vae_device:
+                decoder_cache = self.decoder.nbytes  # parked: it comes back at the next decode
+        return kv + cross + max(chunk, decode) + decoder_cache
+
+    @property
+    def vae_device(self) -> torch.device:
+        """Where the VAE runs: its weights' device (ComfyUI may keep it apart from the DiT, e.g. --cpu-vae)."""
+        return next(self.vae.parameters()).device
 
     @property
     def owns_buffers(self) -> bool:
@@ -203,27 +216,51 @@ class CausalStream:
         return self._lease.owner is self._token
 
     def _acquire(self) -> None:
-        """Make sure this stream's caches hold its own state: replay the journal if a fork took them."""
+        """Make sure this stream's caches hold its own state: replay the journal if a fork took them.
+        Ownership is taken only once the replay has finished: a replay that fails (out of memory, an
+        interruption) leaves the buffers owned by nobody, so the next use of any stream rebuilds."""
         if self.owns_buffers:
             return
-        self._lease.owner = self._token  # from here on the buffers are ours; the fork rebuilds if used
+        self._lease.owner = None
         self.cache.reset()
         if self.decoder is not None:
             self.decoder.reset()  # in place: forks share one decoder cache, as they share the KV buffers
+        on_device: dict[int, Tensor] = {}  # one device copy per recorded tensor (contexts recur)
+
+        def back(t: Tensor) -> Tensor:
+            if id(t) not in on_device:
+                on_device[id(t)] = t.to(self.device)  # the recorded dtype: the numbers of the first time
+            return on_device[id(t)]
+
         with torch.no_grad():
             for op, *args in self.journal:
                 if op == "reset":
                     self.cache.reset(start_frame=args[0])
                 elif op == "write":
                     start, latents, context = args
-                    self._run_clean(latents.to(self.device, self.dtype), start, context)
+                    self._run_clean(back(latents), start, back(context))
                 else:  # "decode"
-                    self.decoder.decode(args[0].to(self.device, self.dtype))
+                    self.decoder.cache.to_(self.vae_device)
+                    self.decoder.decode(args[0].to(self.vae_device))
+        self._lease.owner = self._token
 
     def _record(self, op: str, *args) -> None:
-        if self.journal is not None:
-            self.journal.append((op, *(a.to(self.journal_device) if isinstance(a, Tensor) and a.dim() == 5 else a
-                                       for a in args)))
+        """Append an op with its tensors copied to the journal's device, each tensor once (a chunk's latents
+        are written and decoded; a prompt's context is written with every chunk)."""
+        if self.journal is None:
+            return
+        out = []
+        for a in args:
+            if isinstance(a, Tensor):
+                key = id(a)
+                held = self._journal_copies.get(key)
+                if held is None or held[0] is not a:
+                    held = self._journal_copies[key] = (a, a.to(self.journal_device))
+                    if len(self._journal_copies) > JOURNAL_MEMO:  # only recent tensors recur
+                        self._journal_copies.pop(next(iter(self._journal_copies)))
+                a = held[1]
+            out.append(a)
+        self.journal.append((op, *out))
 
     def set_steps(self, preset: str) -> None:
         """Use another step preset from the next chunk on (e.g. causvid-3step for speed)."""
@@ -307,8 +344,8 @@ class CausalStream:
         if self.decoder is None:
             return None
         self._record("decode", latents)
-        self.decoder.cache.to_(self.device)  # back from park() if it was parked
-        return self.decoder.decode(latents)
+        self.decoder.cache.to_(self.vae_device)  # back from park() if it was parked
+        return self.decoder.decode(latents.to(self.vae_device))
 
     def park(self, device: torch.device | str) -> None:
         """Free this stream's device memory other than the KV buffers, between uses: the decoder cache
@@ -364,7 +401,7 @@ class CausalStream:
             raise ValueError("image-to-video needs a VAE (or pass the encoded latent [B, C, 1, h, w])")
         from .vae import StreamingEncoder
         with torch.no_grad():
-            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2).to(self.device))
+            latent = StreamingEncoder(self.vae).encode(image.unsqueeze(2).to(self.vae_device))
         if latent.shape[-2:] != self.latent_hw:
             raise ValueError(f"the image encodes to a {tuple(latent.shape[-2:])} latent; the stream is {self.latent_hw}")
         return latent.to(self.device, self.dtype)

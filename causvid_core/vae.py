@@ -30,7 +30,7 @@ from .vae_config import VAE_PRESETS, WAN_LATENT_MEAN, WAN_LATENT_STD, VAEConfig,
 from .vae_layers import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, conv3d, use_circular_padding
 
 __all__ = ["VAEConfig", "VAE_PRESETS", "vae_preset", "WanVAE", "FeatureCache", "StreamingEncoder",
-           "StreamingDecoder", "load_vae", "save_vae", "infer_vae_config", "random_vae"]
+           "StreamingDecoder", "decode_memory", "load_vae", "save_vae", "infer_vae_config", "random_vae"]
 
 # prefixes under which bundles and converters store the VAE's own keys
 VAE_PREFIXES = ("first_stage_model.", "vae.", "model.", "module.")
@@ -141,6 +141,15 @@ class WanVAE(nn.Module):
                 for s in range(0, latent.shape[2], latents_per_pass)]
         video = torch.cat(outs, dim=2)
         return video.clamp(-1.0, 1.0) if clamp else video
+
+
+def decode_memory(vae: "WanVAE", latent_hw: tuple[int, int]) -> int:
+    """Device bytes a one-latent-frame streaming decode needs above its inputs (an estimate with headroom:
+    six tensors of the last level's channels over its 4 output frames; `causvid bench memory` measures)."""
+    cfg = vae.config
+    h, w = latent_hw
+    pixels = cfg.time_factor * h * w * cfg.space_factor ** 2
+    return 6 * pixels * cfg.dim * next(vae.parameters()).dtype.itemsize
 
 
 # -- streaming -------------------------------------------------------------------------------------

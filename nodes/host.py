@@ -64,6 +64,8 @@ class Progress:
         import numpy as np
         from PIL import Image
 
+        if hasattr(frame_uint8, "cpu"):  # a tensor, possibly on the GPU with --gpu-only
+            frame_uint8 = frame_uint8.cpu()
         self.bar.update_absolute(self.done, self.total, ("JPEG", Image.fromarray(np.asarray(frame_uint8)), 512))
 
 

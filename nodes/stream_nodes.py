@@ -162,21 +162,23 @@ class StreamChunkSampler:
         out = host.intermediate_device()
         latents, frames = [], []
         pending = state.pending_image
-        for i in range(chunks):
-            if stream.chunk_index in plan:
-                text_or_cond, mode = plan[stream.chunk_index]
-                stream.set_prompt(text_or_cond, mode)
-            if pending is not None:
-                first = stream.start_from_image(pending)
-                pending = None
-                if first is not None:
-                    latents.append(first.latents.to(out))
-                    frames.append(frames_to_host(first.frames, out))
-            chunk = stream.step(callback=lambda _i: (host.check_interrupt(), progress.step()))
-            latents.append(chunk.latents.to(out))
-            frames.append(frames_to_host(chunk.frames, out))
-            progress.preview(frames[-1][-1])
-        stream.park(host.offload_device())  # the decoder cache leaves the GPU between nodes
+        try:
+            for i in range(chunks):
+                if stream.chunk_index in plan:
+                    text_or_cond, mode = plan[stream.chunk_index]
+                    stream.set_prompt(text_or_cond, mode)
+                if pending is not None:
+                    first = stream.start_from_image(pending)
+                    pending = None
+                    if first is not None:
+                        latents.append(first.latents.to(out))
+                        frames.append(frames_to_host(first.frames, out))
+                chunk = stream.step(callback=lambda _i: (host.check_interrupt(), progress.step()))
+                latents.append(chunk.latents.to(out))
+                frames.append(frames_to_host(chunk.frames, out))
+                progress.preview(frames[-1][-1])
+        finally:  # also when interrupted: the decoder cache leaves the GPU between nodes
+            stream.park(host.offload_device())
         lat = torch.cat(latents, dim=2)
         return (state.advanced(stream, pending_image=None), latent_out(lat, stream.vae, out), uint8_to_images(frames))
 

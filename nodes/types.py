@@ -142,8 +142,8 @@ def latent_out(latents: Tensor, vae, device="cpu") -> dict:
 def latent_in(latent: dict, vae) -> Tensor:
     samples = latent["samples"]
     shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latent_mean, dtype=samples.dtype).view(shape)
-    std = torch.tensor(vae.config.latent_std, dtype=samples.dtype).view(shape)
+    mean = torch.tensor(vae.config.latent_mean, dtype=samples.dtype, device=samples.device).view(shape)
+    std = torch.tensor(vae.config.latent_std, dtype=samples.dtype, device=samples.device).view(shape)
     return (samples - mean) / std
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ..causvid_core.flow import STEP_PRESETS
 from ..causvid_core.generate import latent_frames
-from ..causvid_core.vae import StreamingDecoder, StreamingEncoder
+from ..causvid_core.vae import StreamingDecoder, StreamingEncoder, decode_memory
 from ..causvid_core.video_io import Mp4Writer
 from . import host
 from .stream_nodes import MODEL_DEFAULT, CausalKVState, StreamChunkSampler
@@ -52,7 +52,7 @@ class VideoToVideoStream:
         stream.set_prompt(conditioning_tensor(conditioning))
         encoder = StreamingEncoder(stream.vae)
         tf = stream.vae.config.time_factor
-        dev, out_dev = stream.device, host.intermediate_device()
+        dev, out_dev = stream.vae_device, host.intermediate_device()  # the encoder runs where the VAE is
         F = latent_frames(T, tf)
         n_chunks = -(-F // stream.settings.chunk_frames)
         progress = host.Progress(n_chunks * (sum(1 for t in stream.settings.steps if t < 1000 * strength) + 1))
@@ -115,11 +115,11 @@ class CausalDecodeStream:
             causal_vae, patcher = model.components.vae, model.vae_patcher
         else:
             raise ValueError("connect ComfyUI's Wan VAE or a CAUSAL_MODEL that has its own VAE")
-        host.load([patcher])
+        z = latent_in(latent, causal_vae)
+        host.load([patcher], decode_memory(causal_vae, tuple(z.shape[-2:])))
         if vae is not None:
             bind_comfy_vae(causal_vae, vae)
         weight = next(causal_vae.parameters())
-        z = latent_in(latent, causal_vae)
         dec = StreamingDecoder(causal_vae)
         n, out_dev = z.shape[2], host.intermediate_device()
         progress = host.Progress(-(-n // latents_per_chunk))

@@ -172,6 +172,22 @@ def test_cli_generation_paths_bring_their_inputs_to_the_device(kind, source):
     assert all(c.frames.device == env.device for c in chunks)
 
 
+@pytest.mark.parametrize("kind", DEVICES)
+def test_a_vae_kept_on_the_cpu_decodes_there(kind):
+    """ComfyUI's --cpu-vae: the DiT on the GPU, the VAE (and so the decoder cache) on the CPU."""
+    env = Env(kind)
+    comps = tiny_components()
+    env.module(comps.model)
+    # (oneDNN's CPU conv has no fake-tensor kernel: the VAE's fake CPU convs take torch's own)
+    with env.context(), torch.backends.mkldnn.flags(enabled=False):
+        s = CausalStream(comps.model, StreamSettings(max_frames=9, independent_first_frame=True), latent_hw=(8, 8),
+                         vae=comps.vae, text_encoder=comps.text_encoder, device=env.device)
+        s.set_prompt(A)
+        s.start_from_image(torch.zeros(1, 3, 64, 64))
+        chunk = s.step()
+        assert chunk.latents.device == env.device and chunk.frames.device.type == "cpu"
+
+
 def test_the_harness_fails_on_a_cpu_tensor_in_the_hot_path(monkeypatch):
     """The sampler as it was: sigma built as torch.full((B,), t) on the CPU, mixed into the device maths."""
     def old_flow_to_x0(self, flow, xt, t):

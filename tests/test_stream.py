@@ -292,3 +292,32 @@ def test_a_fork_shares_the_buffers_and_an_earlier_stream_rebuilds_them_exactly(m
         assert torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames)
     with pytest.raises(ValueError, match="journal"):
         _stream(comps).fork()
+
+
+def test_a_rebuild_that_fails_leaves_the_buffers_to_be_rebuilt_again(monkeypatch):
+    """An out-of-memory error or an interruption in the middle of a replay must not leave the stream
+    marking half-rebuilt buffers as its own."""
+    comps = tiny_components()
+    s = _stream(comps, max_frames=12, journal=True)
+    s.set_prompt(A)
+    s.step()
+    s.step()
+    truth = s.clone()
+    f = s.fork()
+    f.step()
+    calls = {"n": 0}
+    run_clean = CausalStream._run_clean
+
+    def failing(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return run_clean(self, *a, **kw)
+
+    monkeypatch.setattr(CausalStream, "_run_clean", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        s.fork()
+    assert not s.owns_buffers and not f.owns_buffers
+    monkeypatch.setattr(CausalStream, "_run_clean", run_clean)
+    x, y = s.fork().step(), truth.step()
+    assert torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames)
