@@ -22,7 +22,7 @@ and denoised by the steps below that.
 Continuing a stream without copying its buffers (`fork`): at 832x480 a 1.3B model's KV cache is 6 GB
 and the streaming decoder's cache over 1 GB, so a chain of nodes must not copy them per node. A stream
 made with `journal=True` records every write into them (the clean latents, their positions and
-conditioning, and what was decoded): a few MB. `fork()` returns a stream that continues this one and
+conditioning, and what was decoded): 1.2 MB a chunk at 832x480, each tensor copied once. `fork()` returns a stream that continues this one and
 takes over the buffers; the forked-from stream stays valid and, if it is used again (a branch, or a
 re-run of a later node in a graph), first rebuilds its buffers by replaying its journal: one t = 0
 pass per chunk and a re-decode, which gives the same numbers as the first time. Exactly one stream of
