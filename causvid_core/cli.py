@@ -246,6 +246,34 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_live(args: argparse.Namespace) -> int:
+    from .checkpoints import CheckpointError
+    from .generate import latent_size
+    from .live.server import LiveServer, serve
+    from .stream import CausalStream, StreamSettings
+
+    try:
+        comps = _components(args)
+        hw = latent_size(comps, args.height or 64, args.width or 64)
+        fields = {**comps.stream_defaults, **_settings(args), "max_frames": None}
+        if not fields.get("window_frames"):  # endless: a rolling window (LongLive's 12 + 3 sinks)
+            fields["window_frames"] = 12
+            fields.setdefault("sink_frames", 3)
+        device = next(comps.model.parameters()).device
+
+        def make_stream(seed: int) -> CausalStream:
+            return CausalStream(comps.model, StreamSettings.from_fields({**fields, "seed": seed}), latent_hw=hw,
+                                vae=comps.vae, text_encoder=comps.text_encoder, device=device)
+
+        make_stream(0)  # settings errors now, not at the first click
+        server = LiveServer(make_stream, args.out_dir, mode=args.switch_mode or "recache", max_seconds=args.seconds)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"causvid live: {exc}", file=sys.stderr)
+        return 2
+    serve(server, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoints import CheckpointError
     from .eval_run import evaluate_model
@@ -370,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vae", help="stream --device cuda: the Wan VAE file (default: random weights, the same cost)")
     b.add_argument("--json", action="store_true", help="one compact JSON line")
     b.set_defaults(func=cmd_bench)
+
+    lv = sub.add_parser("live", help="a local page that plays a stream while it is made and steers its prompt")
+    _add_generation_args(lv)
+    lv.add_argument("--port", type=int, default=8765)
+    lv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    lv.add_argument("--out-dir", default="live", help="each session is recorded in a folder here")
+    lv.add_argument("--seconds", type=float, help="end every session after this many seconds (default: on Stop)")
+    lv.set_defaults(func=cmd_live)
 
     i = sub.add_parser("info", help="recognise a checkpoint and print its layout and config")
     i.add_argument("path")

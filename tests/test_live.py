@@ -3,6 +3,7 @@ schedule replays the stream frame for frame, memory stays flat (nothing accumula
 plays at any stop."""
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -102,3 +103,56 @@ def test_the_recording_plays_at_any_stop(tmp_path):
     (tmp_path / "crash" / "seg_000002.mp4.part").write_bytes(b"half a file")
     out = SegmentRecorder.recover(tmp_path / "crash")
     assert read_video(out).shape[0] == 21
+
+
+def test_causvid_live_server_streams_steers_stops_and_records(tmp_path):
+    """The `causvid live` app in-process (aiohttp's test server on 127.0.0.1): frames reach a websocket while
+    the session runs, a prompt steers it, a foreign Origin is refused, Stop finalises a playable recording."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from causvid_core.live.server import LiveServer
+
+    comps = tiny_components()
+    server = LiveServer(lambda seed: _stream(comps, seed=seed), tmp_path / "rec")
+
+    async def scenario():
+        async with TestServer(server.app(), host="127.0.0.1") as ts, aiohttp.ClientSession() as http:
+            url = lambda p: str(ts.make_url(p))  # noqa: E731
+            page = await (await http.get(url("/"))).text()
+            assert "window.causvidLive" in page
+            ws = await http.ws_connect(url("/ws"))
+            r = await http.post(url("/api/start"), json={"prompt": A, "seed": 3})
+            assert r.status == 200, await r.text()
+            assert (await http.post(url("/api/start"), json={"prompt": A})).status == 409
+            frames, stats = 0, None
+            while frames < 30 or stats is None:  # frames arrive while the session is still running
+                msg = await ws.receive(timeout=60)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    assert msg.data[:2] == b"\xff\xd8"  # JPEG
+                    frames += 1
+                else:
+                    stats = json.loads(msg.data)
+            assert server.session is not None and not server.session.stopped
+            evil = await http.post(url("/api/prompt"), json={"text": B}, headers={"Origin": "http://evil.example"})
+            assert evil.status == 403
+            assert (await http.post(url("/api/prompt"), json={"text": "  "})).status == 400
+            assert (await http.post(url("/api/prompt"), data=b"not json")).status == 400
+            ok = await http.post(url("/api/prompt"), json={"text": B}, headers={"Origin": str(ts.make_url("")).rstrip("/")})
+            assert ok.status == 200, await ok.text()
+            while server.session.stats.prompt != B:
+                await asyncio.sleep(0.01)
+            status = await (await http.post(url("/api/stop"))).json()
+            assert not status["running"] and len(status["recordings"]) == 1
+            assert (await http.post(url("/api/prompt"), json={"text": A})).status == 409
+            await ws.close()
+            return status
+
+    status = asyncio.run(scenario())
+    shown = server.session.stats.frames
+    assert read_video(status["recordings"][0]).shape[0] == shown
+    schedule = (tmp_path / "rec").glob("*/stream.schedule.txt")
+    text = next(schedule).read_text()
+    assert f": {B}" in text and text.startswith("# causvid live: seed 3")
