@@ -113,11 +113,6 @@ def images_to_video(images: Tensor) -> Tensor:
     return images.permute(3, 0, 1, 2).unsqueeze(0).float() * 2 - 1
 
 
-def video_to_images(video: Tensor) -> Tensor:
-    """[1, 3, T, H, W] in [-1, 1] -> IMAGE [T, H, W, 3] in 0..1."""
-    return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).contiguous()
-
-
 def frames_to_host(frames: Tensor, device) -> Tensor:
     """A decoded chunk [1, 3, n, H, W] in [-1, 1] on the model's device -> uint8 [n, H, W, 3] on `device`
     (ComfyUI's intermediate device): frames leave the GPU as bytes, a quarter of float32."""

@@ -301,3 +301,18 @@ def test_two_chained_samplers_hold_one_kv_cache(model_files, monkeypatch):
             nodes["StreamChunkSampler"]().sample(s1, 2, "model default", conditioning=cond)
             gc.collect()
             assert tracker.current_bytes(dev) - three < kv / 4
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_a_live_session(kind):
+    """causvid live / the live node: chunks leave the device as uint8 on the host, prompts switch in place."""
+    from causvid_core.live import LiveSession
+
+    env = Env(kind)
+    seen = []
+    with _stream(env, max_frames=None, window_frames=6, sink_frames=2) as s:
+        session = LiveSession(s, A, mode="recache", max_frames=40,
+                              sinks=(lambda frames, stats: (seen.append((frames.device.type, frames.dtype)),
+                                                            stats.chunks == 1 and session.submit_prompt(B)),))
+        stats = session.run()
+    assert stats.chunks == 4 and seen == [("cpu", torch.uint8)] * 4 and session.applied[-1] == (9, B)
