@@ -74,15 +74,11 @@ class KVStore:
     def allocate(self, device: Optional[torch.device | str] = None, zero: bool = True) -> None:
         """Make the buffers (on `device`, default the cache's). zero=False leaves them uninitialised: only
         written slots are ever read, and untouched host pages cost no memory until they are moved."""
-        if self.module.k is None:
+        if self.k is None:
             make = torch.zeros if zero else torch.empty
             where = torch.device(device) if device is not None else self.device
             self.module.k = make(self.shape, dtype=self.dtype, device=where)
             self.module.v = make(self.shape, dtype=self.dtype, device=where)
-
-    def release(self) -> None:
-        """Free the buffers (the next use allocates them again)."""
-        self.module.k = self.module.v = None
 
     @property
     def nbytes(self) -> int:
@@ -155,21 +151,19 @@ class KVCache:
         self.cross = [None] * self.config.num_layers
         self.cross_source = None
 
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """(K, V), each [layers, B, H, T_cap, d], allocated at the first use."""
+        if self.store.k is None:
+            self.store.allocate()
+        return self.store.k, self.store.v
+
     @property
     def k(self) -> Tensor:
-        k = self.store.k
-        if k is None:
-            self.store.allocate()
-            k = self.store.k
-        return k
+        return self.buffers()[0]
 
     @property
     def v(self) -> Tensor:
-        v = self.store.v
-        if v is None:
-            self.store.allocate()
-            v = self.store.v
-        return v
+        return self.buffers()[1]
 
     def clone(self) -> "KVCache":
         """An independent copy (the K/V buffers are copied; the cross-attention K/V, never written in
@@ -240,7 +234,7 @@ class KVCache:
         """Write this chunk's k, v [B, H, n*T, d] for `layer`; return the attended window [B, H, L, d]."""
         s = self._slots
         T = self.tokens_per_frame
-        K, V = self.k[layer], self.v[layer]  # [B, H, T_cap, d]
+        K, V = (buf[layer] for buf in self.buffers())  # [B, H, T_cap, d]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # Training through the cache (Self-Forcing): the attended window is built from the cached
             # past (no gradient into it) and this chunk's own K/V (with gradient), as a new tensor; the

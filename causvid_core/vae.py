@@ -57,7 +57,7 @@ class WanVAE(nn.Module):
     def decoder_cache(self) -> FeatureCache:
         return FeatureCache(self.decoder.num_slots)
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+    def latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """latent_mean, latent_std as [1, Z, 1, 1, 1] tensors of like's dtype and device."""
         shape = (1, self.config.z_dim, 1, 1, 1)
         mean = torch.tensor(self.config.latent_mean, dtype=like.dtype, device=like.device).view(shape)
@@ -100,13 +100,13 @@ class WanVAE(nn.Module):
         Z = self.config.z_dim
         h = self.encoder(x.to(self.conv1.weight.dtype), cache)
         mu = conv3d(h, self.conv1.weight[:Z], self.conv1.bias[:Z])
-        mean, std = self._stats(mu)
+        mean, std = self.latent_stats(mu)
         return (mu - mean) / std
 
     def decode_chunk(self, z: Tensor, cache: FeatureCache) -> Tensor:
         """Normalised latents -> pixel frames (unclamped): 1 for the stream's first latent, then 4 each."""
         z = z.to(self.conv2.weight.dtype)
-        mean, std = self._stats(z)
+        mean, std = self.latent_stats(z)
         return self.decoder(self.conv2(z * std + mean), cache)
 
     # -- whole clips ------------------------------------------------------------------------------

@@ -127,18 +127,14 @@ def uint8_to_images(frames: list[Tensor]) -> Tensor:
 def latent_out(latents: Tensor, vae, device="cpu") -> dict:
     """Our normalised latents -> ComfyUI LATENT in raw VAE space (z * std + mean), as ComfyUI's Wan uses,
     float32 on `device` (ComfyUI's intermediate device)."""
-    shape = (1, vae.config.z_dim, 1, 1, 1)
     samples = latents.to(device, torch.float32)
-    mean = torch.tensor(vae.config.latent_mean, dtype=torch.float32, device=samples.device).view(shape)
-    std = torch.tensor(vae.config.latent_std, dtype=torch.float32, device=samples.device).view(shape)
+    mean, std = vae.latent_stats(samples)
     return {"samples": samples * std + mean}
 
 
 def latent_in(latent: dict, vae) -> Tensor:
     samples = latent["samples"]
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latent_mean, dtype=samples.dtype, device=samples.device).view(shape)
-    std = torch.tensor(vae.config.latent_std, dtype=samples.dtype, device=samples.device).view(shape)
+    mean, std = vae.latent_stats(samples)
     return (samples - mean) / std
 
 
