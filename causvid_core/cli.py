@@ -250,6 +250,8 @@ def cmd_live(args: argparse.Namespace) -> int:
     from .checkpoints import CheckpointError
     from .generate import latent_size
     from .live.server import LiveServer, serve
+    from .live.session import LEAD_S
+    from .live.sources import VideoFileSource
     from .stream import CausalStream, StreamSettings
 
     try:
@@ -266,7 +268,14 @@ def cmd_live(args: argparse.Namespace) -> int:
                                 vae=comps.vae, text_encoder=comps.text_encoder, device=device)
 
         make_stream(0)  # settings errors now, not at the first click
-        server = LiveServer(make_stream, args.out_dir, mode=args.switch_mode or "recache", max_seconds=args.seconds)
+        if not 0 < args.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+        size = (hw[0] * comps.vae.config.space_factor, hw[1] * comps.vae.config.space_factor)
+        if args.video is not None:
+            VideoFileSource(args.video, *size)  # a missing or unreadable file now, not at the first click
+        server = LiveServer(make_stream, args.out_dir, size=size, mode=args.switch_mode or "recache",
+                            max_seconds=args.seconds, video=args.video, strength=args.strength,
+                            lead_s=None if args.no_pace else LEAD_S)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"causvid live: {exc}", file=sys.stderr)
         return 2
@@ -405,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     lv.add_argument("--out-dir", default="live", help="each session is recorded in a folder here")
     lv.add_argument("--seconds", type=float, help="end every session after this many seconds (default: on Stop)")
+    lv.add_argument("--video", help="a video file the page can restyle (its 'video file' input)")
+    lv.add_argument("--strength", type=float, default=0.6,
+                    help="video-to-video: how far the input is noised, 1 ignores it (default 0.6)")
+    lv.add_argument("--no-pace", action="store_true",
+                    help="make chunks as fast as possible instead of at most 1.5 s ahead of the player")
     lv.set_defaults(func=cmd_live)
 
     i = sub.add_parser("info", help="recognise a checkpoint and print its layout and config")

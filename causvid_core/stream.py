@@ -183,6 +183,12 @@ class CausalStream:
         self._lease.owner = new._token
         return new
 
+    def stop_journal(self) -> None:
+        """Keep no journal from now on (a live stream that runs for hours: memory stays flat). The stream can
+        no longer be forked; streams it was forked from keep their own journals."""
+        self.journal = None
+        self._journal_copies = {}
+
     def memory_needed(self) -> int:
         """Device bytes the next chunks need beyond the weights: the KV buffers if they are not allocated
         yet, the cross-attention K/V, and the larger of a chunk's activations and a decode, plus the

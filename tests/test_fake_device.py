@@ -304,15 +304,20 @@ def test_two_chained_samplers_hold_one_kv_cache(model_files, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", DEVICES)
-def test_a_live_session(kind):
-    """causvid live / the live node: chunks leave the device as uint8 on the host, prompts switch in place."""
+@pytest.mark.parametrize("source", ["text", "world"])
+def test_a_live_session(kind, source):
+    """causvid live / the LiveStream node: chunks leave the device as uint8 on the host, prompts switch in
+    place; video-to-video input frames (host uint8) go to the device a chunk at a time."""
     from causvid_core.live import LiveSession
+    from causvid_core.live.sources import WorldSource
 
     env = Env(kind)
     seen = []
     with _stream(env, max_frames=None, window_frames=6, sink_frames=2) as s:
-        session = LiveSession(s, A, mode="recache", max_frames=40,
-                              sinks=(lambda frames, stats: (seen.append((frames.device.type, frames.dtype)),
-                                                            stats.chunks == 1 and session.submit_prompt(B)),))
+        h, w = (n * s.vae.config.space_factor for n in s.latent_hw)
+        src = WorldSource(A, h, w) if source == "world" else None
+        session = LiveSession(s, A, mode="recache", max_frames=40, source=src, strength=0.5,
+                              sinks=(lambda c: (seen.append((c.frames.device.type, c.frames.dtype)),
+                                                c.index == 0 and session.submit_prompt(B)),))
         stats = session.run()
     assert stats.chunks == 4 and seen == [("cpu", torch.uint8)] * 4 and session.applied[-1] == (9, B)

@@ -17,7 +17,7 @@ LIST_NAME = "segments.ffconcat"
 
 
 class SegmentRecorder:
-    """A sink for LiveSession: (uint8 frames [n, H, W, 3], stats) -> one segment file."""
+    """A sink for LiveSession: each chunk's uint8 frames [n, H, W, 3] -> one segment file."""
 
     def __init__(self, folder: str | os.PathLike, fps: int = FPS, name: str = "stream.mp4"):
         self.folder, self.fps, self.name = Path(folder), fps, name
@@ -27,7 +27,9 @@ class SegmentRecorder:
         self.segments: list[Path] = []
         self.frames = 0
 
-    def __call__(self, frames: Tensor | np.ndarray, stats=None) -> None:
+    def __call__(self, chunk) -> None:
+        """A LiveChunk from a session (or bare uint8 frames)."""
+        frames = getattr(chunk, "frames", chunk)
         arr = frames.numpy() if isinstance(frames, Tensor) else np.asarray(frames)
         path = self.folder / f"seg_{len(self.segments):06d}.mp4"
         write_mp4(path, arr, fps=self.fps)  # atomic: complete or absent
