@@ -1,5 +1,7 @@
 """ComfyUI entry point of the causvid-stream node pack (the repository root is the pack)."""
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_routes
+
+register_routes()
 
 WEB_DIRECTORY = "./js"
 

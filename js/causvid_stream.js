@@ -2,12 +2,51 @@
 // - Every causvid node shows the chunk previews ComfyUI sends while it runs (native), and this
 //   extension adds a progress caption (chunk frames so far) from the progress events.
 // - SaveCausalVideo gets an inline <video> player that plays the saved MP4 as soon as it is written.
+// - LiveStream gets the live player (causvid_core/live/player.js, served by the pack's routes): the stream
+//   as it is made, its stats, a prompt box and Stop; window.causvidLive drives it from scripts.
 // Works with the legacy frontend and the current one (comfyui-frontend-package): only app/api imports.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXT = "causvid.stream";
 const PLAYER_HEIGHT = 256;
+const LIVE_HEIGHT = 380;  // the live player: a 256 px view, its stats, the prompt row and an error line
+const LIVE_BASE = `${api.api_base || ""}/causvid/live`;  // the pack's routes on ComfyUI's server
+
+// window.causvidLive, the script API for tests and automation: the LiveStream node's player that runs (or
+// ran last): frames shown so far, the prompt in effect, setPrompt(text), stop(); `players`: all of them.
+const live = {
+  players: new Set(),
+  get active() {
+    const all = [...this.players].filter((p) => p.session);
+    return all.find((p) => p.running) || all[all.length - 1] || null;
+  },
+  get framesShown() { return this.active?.framesShown ?? 0; },
+  get prompt() { return this.active?.prompt ?? null; },
+  get running() { return this.active?.running ?? false; },
+  setPrompt(text) { return this.active.setPrompt(text); },
+  stop() { return this.active.stop(); },
+};
+
+let playerModule = null;
+function livePlayer() {
+  playerModule ??= import(`${LIVE_BASE}/player.js`);
+  return playerModule;
+}
+
+function addLivePlayer(node) {
+  const root = document.createElement("div");
+  root.dataset.causvid = "live";
+  const widget = node.addDOMWidget ? node.addDOMWidget("causvid_live", "live", root, { serialize: false }) : null;
+  if (!widget) return;
+  widget.computeSize = (width) => [width, LIVE_HEIGHT];
+  widget.computedHeight = LIVE_HEIGHT;  // the legacy frontend's height for a DOM widget
+  node.setSize([Math.max(node.size[0], 300), node.computeSize()[1]]);
+  livePlayer().then(({ createLivePlayer }) => {
+    node.causvidLive = createLivePlayer(root, { base: LIVE_BASE, node: () => String(node.id), size: 256 });
+    live.players.add(node.causvidLive);
+  });
+}
 
 function viewUrl(item) {
   const params = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder || "", type: item.type || "output" });
@@ -47,7 +86,8 @@ app.registerExtension({
       node.causvidProgress = `${detail.value}/${detail.max} steps`;
       node.setDirtyCanvas(true, false);
     });
-    window.__causvid = { loaded: true, version: 1 };  // lets tests see that the extension registered
+    window.__causvid = { loaded: true, version: 2 };  // lets tests see that the extension registered
+    window.causvidLive = live;
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.category && String(nodeData.category).startsWith("causvid")) {
@@ -65,6 +105,20 @@ app.registerExtension({
           ctx.restore();
         }
       };
+    }
+    if (nodeData.name === "LiveStream") {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        onNodeCreated?.apply(this, arguments);
+        addLivePlayer(this);
+      };
+      const onRemoved = nodeType.prototype.onRemoved;
+      nodeType.prototype.onRemoved = function () {
+        onRemoved?.apply(this, arguments);
+        this.causvidLive?.close();
+        live.players.delete(this.causvidLive);
+      };
+      return;
     }
     if (nodeData.name !== "SaveCausalVideo") return;
     const onExecuted = nodeType.prototype.onExecuted;

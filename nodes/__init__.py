@@ -1,5 +1,6 @@
 """ComfyUI adapters (V1 node API): thin classes over causvid_core. Imported only by the pack's root
 __init__.py through relative imports, never as a top-level `nodes` package (ComfyUI has one)."""
+from .live_nodes import LiveStream
 from .model_nodes import CausalTextEncode, LoadCausalModel
 from .stream_nodes import CausalImageToVideo, CausalKVState, PromptSchedule, StreamChunkSampler
 from .video_nodes import CausalDecodeStream, CausalGenerate, SaveCausalVideo, VideoToVideoStream
@@ -15,6 +16,20 @@ _NODES = {
     "CausalGenerate": (CausalGenerate, "Causal Generate (one node)"),
     "CausalDecodeStream": (CausalDecodeStream, "Causal Decode (Streaming)"),
     "SaveCausalVideo": (SaveCausalVideo, "Save Video (MP4)"),
+    "LiveStream": (LiveStream, "Live Stream (play, steer, record)"),
 }
 NODE_CLASS_MAPPINGS = {k: v[0] for k, v in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v[1] for k, v in _NODES.items()}
+
+
+def register_routes() -> None:
+    """The live player's routes on ComfyUI's server (they must exist before ComfyUI builds its app, which it
+    does after importing the custom nodes). Outside a ComfyUI server (tests, scripts) there is none."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        from . import host
+
+        host.live_hub()

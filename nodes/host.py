@@ -59,6 +59,10 @@ class Progress:
         self.done += 1
         self.bar.update_absolute(self.done, self.total, preview)
 
+    def set(self, done: int) -> None:
+        self.done = done
+        self.bar.update_absolute(done, self.total)
+
     def preview(self, frame_uint8) -> None:
         """Show a frame (uint8 [H, W, 3], a host tensor or array) on the node without advancing."""
         import numpy as np
@@ -156,3 +160,32 @@ def _check_loaded(patcher) -> None:
     if stray:
         raise RuntimeError(f"ComfyUI left {len(stray)} weights of the causal model off {device} (e.g. {stray[0]}): "
                            "free memory (close other workflows) or run ComfyUI without --novram")
+
+
+def input_directory() -> str:
+    import folder_paths
+
+    return folder_paths.get_input_directory()
+
+
+# -- live streaming: the hub on ComfyUI's own server ---------------------------------------------------------
+LIVE_PREFIX = "/causvid/live"  # ComfyUI >= 2025 also serves it under /api
+
+
+def live_hub():
+    """The live hub of this ComfyUI server: made, and its routes added to the server's route table, the first
+    time. Routes must exist before ComfyUI builds its app (after custom nodes are imported), so the pack's
+    __init__ calls this at import; a hub made later still serves sessions through the routes of the first."""
+    from server import PromptServer
+
+    from ..causvid_core.live.hub import LiveHub
+
+    srv = PromptServer.instance
+    hub = getattr(srv, "causvid_live_hub", None)
+    if hub is None:
+        hub = srv.causvid_live_hub = LiveHub()
+        for method, path, handler in hub.routes(LIVE_PREFIX):
+            srv.routes.route(method, path)(handler)
+    if hub.loop is None:
+        hub.loop = getattr(srv, "loop", None)
+    return hub

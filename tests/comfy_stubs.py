@@ -1,6 +1,6 @@
 """ComfyUI's few host modules, stubbed, so the node classes run without a ComfyUI: folder_paths,
-comfy.utils (ProgressBar), comfy.model_management (devices, interruption, load_models_gpu) and
-comfy.model_patcher (ModelPatcher). The device is the CPU or a fake one (causvid_core.fakedevice): the
+comfy.utils (ProgressBar), comfy.model_management (devices, interruption, load_models_gpu),
+comfy.model_patcher (ModelPatcher) and server (PromptServer's route table). The device is the CPU or a fake one (causvid_core.fakedevice): the
 stub's load_models_gpu then moves a patcher's module there as ComfyUI would, replacing its Parameters."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.model_patcher")
+MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.model_patcher", "server")
 
 
 class Host:
@@ -23,6 +23,7 @@ class Host:
     def __init__(self, models: Path, output: Path, device: torch.device,
                  move: Optional[Callable[[torch.nn.Module], None]] = None):
         self.models, self.output, self.device, self.move = models, output, device, move
+        self.input = output.parent / "input"
         self.updates: list = []
         self.loads: list = []  # (module class names, memory_required, force_full_load)
         self.interrupt_after: int | None = None
@@ -36,6 +37,7 @@ def stub_modules(host: Host) -> dict[str, types.ModuleType]:
     folder_paths.get_full_path = lambda f, n: str(host.models / n) \
         if f == "diffusion_models" and (host.models / n).exists() else None
     folder_paths.get_output_directory = lambda: str(host.output)
+    folder_paths.get_input_directory = lambda: str(host.input)
     comfy = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
     mm = types.ModuleType("comfy.model_management")
@@ -74,8 +76,20 @@ def stub_modules(host: Host) -> dict[str, types.ModuleType]:
     mm.load_models_gpu = load_models_gpu
     mp.ModelPatcher = ModelPatcher
     comfy.utils, comfy.model_management, comfy.model_patcher = utils, mm, mp
+    server = types.ModuleType("server")
+
+    class PromptServer:  # the route table the pack adds its live routes to; no event loop, no pages
+        instance = None
+
+        def __init__(self):
+            from aiohttp import web
+
+            self.routes, self.loop = web.RouteTableDef(), None
+
+    PromptServer.instance = PromptServer()
+    server.PromptServer = PromptServer
     return {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm,
-            "comfy.model_patcher": mp}
+            "comfy.model_patcher": mp, "server": server}
 
 
 @contextlib.contextmanager

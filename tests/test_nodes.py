@@ -61,7 +61,7 @@ def test_every_node_is_registered_and_well_formed(pack):
     m, _ = pack
     assert set(m.NODE_CLASS_MAPPINGS) == {"LoadCausalModel", "CausalTextEncode", "CausalKVState", "CausalImageToVideo",
                                           "PromptSchedule", "StreamChunkSampler", "VideoToVideoStream",
-                                          "CausalGenerate", "CausalDecodeStream", "SaveCausalVideo"}
+                                          "CausalGenerate", "CausalDecodeStream", "SaveCausalVideo", "LiveStream"}
     assert m.WEB_DIRECTORY == "./js"
     for name, cls in m.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
@@ -223,3 +223,111 @@ def test_the_kv_cache_is_a_model_comfyui_loads_and_offloads(pack):
     mod.k, mod.v = mod.k.clone(), mod.v.clone()  # what an offload and reload leave: other tensors, same values
     _, lat, _ = _sample(pack, s1b, 2, conditioning=cond)
     assert torch.equal(lat["samples"], lat_ref["samples"])
+
+
+def _live(pack, state, steer=None, **kw):
+    """Run LiveStream on `state` while `steer(session, hub)` acts from another thread, as a page would."""
+    import threading
+    import time
+
+    m, host = pack
+    hub = sys.modules["server"].PromptServer.instance.causvid_live_hub
+    before = set(hub.sessions)
+    args = dict(prompt=A, mode="recache", seconds=0.0, source="text", strength=0.6, source_input="",
+                filename_prefix="live/test", unique_id="7")
+    args.update(kw)
+
+    def page():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            new = [e for k, e in hub.sessions.items() if k not in before]
+            if new and steer(new[0].session, hub):
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=page, daemon=True) if steer else None
+    if t:
+        t.start()
+    try:
+        return m.NODE_CLASS_MAPPINGS["LiveStream"]().run(state, **args)
+    finally:
+        if t:
+            t.join()
+
+
+def test_live_stream_plays_steers_stops_and_records(pack):
+    """The LiveStream node: its routes are on ComfyUI's server, a prompt sent while it runs takes effect at
+    the next chunk, Stop ends it, the recording holds every frame made and its schedule replays them; the
+    input state is left as it was (a later sampler continues it exactly)."""
+    from causvid_core.schedule import parse_schedule
+    from causvid_core.video_io import read_video
+
+    m, host = pack
+    routes = {(r.method, r.path) for r in sys.modules["server"].PromptServer.instance.routes}
+    assert {("GET", "/causvid/live/ws"), ("POST", "/causvid/live/prompt"), ("POST", "/causvid/live/stop")} <= routes
+    model = _model(pack, window_frames=6, sink_frames=3)
+    state = _state(pack, model, length=0)
+
+    def steer(session, hub):
+        if session.stats.frames >= 9 and not session.applied[1:]:
+            session.submit_prompt(B)
+        if session.stats.frames >= 45:
+            session.stop()
+            return True
+        return False
+
+    out = _live(pack, state, steer)
+    (item,) = out["ui"]["causvid_videos"]
+    (stats,) = out["ui"]["causvid_live"]
+    assert stats["ended"] == "stop" and stats["prompt"] == B and stats["frames"] >= 45
+    video = read_video(host.output / item["subfolder"] / item["filename"])
+    assert video.shape == (stats["frames"], 32, 32, 3) and item["frames"] == stats["frames"]
+    events = parse_schedule((host.output / item["subfolder"] / "stream.schedule.txt").read_text())
+    assert [e.prompt for e in events] == [A, B] and events[1].frame in range(9, 46, 12)
+    # the input state was forked, not advanced: a sampler on it makes what it makes on a fresh state
+    _, _, images = _sample(pack, state, 2, conditioning=_cond(pack, model))
+    _, _, fresh = _sample(pack, _state(pack, model, length=0), 2, conditioning=_cond(pack, model))
+    assert torch.equal(images, fresh)
+
+
+def test_live_stream_bad_input_and_cancel(pack):
+    m, host = pack
+    model = _model(pack, window_frames=6, sink_frames=3)
+    state = _state(pack, model, length=0)
+    for kw, why in (({"source": "video file"}, "needs source_input"),
+                    ({"source": "video file", "source_input": "../../etc/passwd"}, "outside"),
+                    ({"source": "video file", "source_input": "missing.mp4"}, "no such video"),
+                    ({"filename_prefix": "../x"}, "outside the output folder"),
+                    ({"source": "shapes world", "source_input": "a purple dragon"}, "template"),
+                    ({"seconds": float("nan")}, "seconds")):
+        with pytest.raises((ValueError, FileNotFoundError), match=why):
+            _live(pack, state, **kw)
+    # ComfyUI's Cancel mid-stream: the error goes up, what was shown stays recorded and plays
+    host.checks, host.interrupt_after = 0, 3
+    try:
+        with pytest.raises(InterruptedError):
+            _live(pack, state)
+    finally:
+        host.interrupt_after = None
+    hub = sys.modules["server"].PromptServer.instance.causvid_live_hub
+    last = list(hub.sessions.values())[-1]
+    assert last.result["error"].startswith("InterruptedError") and last.result["recording"]
+    from causvid_core.video_io import read_video
+    assert read_video(last.result["recording"]).shape[0] == last.session.stats.frames > 0
+
+
+def test_live_stream_restyles_a_video_file_from_the_input_folder(pack):
+    from causvid_core import world
+    from causvid_core.video_io import read_video, write_mp4
+
+    m, host = pack
+    host.input.mkdir(exist_ok=True)
+    spec = world.spec_from_prompt(A, np.random.default_rng(0))
+    write_mp4(host.input / "clip.mp4", world.render(spec, 30))
+    model = _model(pack, window_frames=6, sink_frames=3)
+    out = _live(pack, _state(pack, model, length=0), source="video file", source_input="clip.mp4", seconds=4.0,
+                prompt=B, strength=0.5)
+    (stats,) = out["ui"]["causvid_live"]
+    assert stats["source"] == "file" and stats["ended"] == "limit" and stats["frames"] >= 64
+    (item,) = out["ui"]["causvid_videos"]
+    assert read_video(host.output / item["subfolder"] / item["filename"]).shape[0] == stats["frames"]

@@ -34,7 +34,8 @@ async function unpackFrame(blob) {
 }
 
 // root: the element to build the player in. opts.base: the hub's route prefix ("/live", "/causvid/live").
-// opts.node: follow only sessions of this ComfyUI node (null: any). opts.controls: show prompt/Stop.
+// opts.node: follow only sessions of this ComfyUI node (its id, or a function giving it: a node gets its id
+// only once it is in a graph; null: any session). opts.controls: show prompt/Stop.
 export function createLivePlayer(root, { base, node = null, controls = true, size = 320 } = {}) {
   const box = el("div", { display: "flex", flexDirection: "column", gap: "6px", font: "12px system-ui, sans-serif",
                           color: "#ddd" });
@@ -112,7 +113,8 @@ export function createLivePlayer(root, { base, node = null, controls = true, siz
 
   function onMessage(msg) {
     if (msg.type === "session") {
-      if (node === null || String(msg.node) === String(node)) follow(msg);
+      const mine = typeof node === "function" ? node() : node;
+      if (mine === null || String(msg.node) === String(mine)) follow(msg);
       return;
     }
     if (msg.session !== p.session) {

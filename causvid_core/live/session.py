@@ -105,13 +105,14 @@ class LiveSession:
     lead_s: pace the session to real time, at most this many seconds of video ahead of the wall clock
     (None: as fast as it goes; a camera paces itself). encode: text -> conditioning [1, L, D] for a stream
     whose prompts are encoded outside it (ComfyUI's CLIP); otherwise the stream's own text encoder.
+    image: image-to-video, the video starts from it.
     """
 
     def __init__(self, stream: CausalStream, prompt: str, *, mode: str = "recache",
                  sinks: tuple[ChunkSink, ...] = (), max_frames: Optional[int] = None,
                  max_seconds: Optional[float] = None, check: Optional[Callable[[], None]] = None,
                  source: Optional[FrameSource] = None, strength: float = 0.6, lead_s: Optional[float] = None,
-                 encode: Optional[Callable[[str], Tensor]] = None):
+                 encode: Optional[Callable[[str], Tensor]] = None, image: Optional[Tensor] = None):
         if mode not in SWITCH_MODES:
             raise ValueError(f"mode must be one of {SWITCH_MODES}, got {mode!r}")
         if source is not None and not 0.0 < strength <= 1.0:
@@ -121,6 +122,7 @@ class LiveSession:
         self.stream, self.mode, self.sinks = stream, mode, tuple(sinks)
         self.max_frames, self.max_seconds, self.check = max_frames, max_seconds, check
         self.source, self.strength, self.lead_s, self.encode = source, strength, lead_s, encode
+        self.image = image  # image-to-video: the first frame [B, 3, H, W] in [-1, 1]
         self.inbox = PromptInbox()
         self.first_prompt = self.inbox.submit(prompt)
         self.inbox.take()
@@ -194,6 +196,10 @@ class LiveSession:
         self.applied.append((0, self.first_prompt))
         self.stats.prompt = self.first_prompt
         try:
+            if self.image is not None:
+                first = self.stream.start_from_image(self.image)
+                if first is not None:  # a model whose first chunk is the image alone: shown as a chunk
+                    self._show(first, None, time.perf_counter())
             while True:
                 self._pace()
                 if (why := self._limit()) is not None:
@@ -216,16 +222,7 @@ class LiveSession:
                     chunk = self.stream.step(v2v_latents=latents, strength=self.strength)
                 else:
                     chunk = self.stream.step()
-                frames = frames_uint8(chunk.frames).cpu()  # the one copy to the host
-                self.stats.compute_s += time.perf_counter() - t0
-                shown = LiveChunk(self.stats.chunks, self.stats.frames, frames, inputs, self.stats)
-                self.stats.chunks += 1
-                self.stats.frames += frames.shape[0]
-                if self.stats.first_frame_s is None:
-                    self.stats.first_frame_at = time.perf_counter()
-                    self.stats.first_frame_s = self.stats.first_frame_at - self.stats.started
-                for sink in self.sinks:
-                    sink(shown)
+                self._show(chunk, inputs, t0)
             self.stats.ended = why
         except BaseException:
             self.stats.ended = "error"
@@ -235,6 +232,19 @@ class LiveSession:
             if self.source is not None:
                 self.source.close()
         return self.stats
+
+    def _show(self, chunk, inputs: Optional[np.ndarray], t0: float) -> None:
+        """Count a made chunk and hand its frames to the sinks."""
+        frames = frames_uint8(chunk.frames).cpu()  # the one copy to the host
+        self.stats.compute_s += time.perf_counter() - t0
+        shown = LiveChunk(self.stats.chunks, self.stats.frames, frames, inputs, self.stats)
+        self.stats.chunks += 1
+        self.stats.frames += frames.shape[0]
+        if self.stats.first_frame_s is None:
+            self.stats.first_frame_at = time.perf_counter()
+            self.stats.first_frame_s = self.stats.first_frame_at - self.stats.started
+        for sink in self.sinks:
+            sink(shown)
 
     def schedule_text(self) -> str:
         """The prompts as applied, as a schedule file ('FRAME: prompt'); with this session's seed and mode
