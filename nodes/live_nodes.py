@@ -32,6 +32,10 @@ class LiveStream:
     FUNCTION = "run"
 
     @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # never cached: queueing it again starts a new live stream
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "state": ("CAUSAL_KV_STATE",),

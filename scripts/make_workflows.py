@@ -53,6 +53,15 @@ def sampler(node_id, state_ref, chunks, **more):
     return {node_id: {"class_type": "StreamChunkSampler", "inputs": inputs}}
 
 
+NODE_SIZES = {"LiveStream": (420, 700)}  # room for its widgets and the live player below them
+
+
+def live(node_id, state_ref, prompt, source, source_input="", strength=0.6):
+    return {node_id: {"class_type": "LiveStream", "inputs": {
+        "state": state_ref, "prompt": prompt, "mode": "recache", "seconds": 600.0, "source": source,
+        "strength": strength, "source_input": source_input, "filename_prefix": "causvid/live"}}}
+
+
 WORKFLOWS = {
     # the simplest graph, on the built-in model: runs on a CPU with nothing downloaded
     "builtin_demo": {**model(), **text("2", RED),
@@ -88,8 +97,19 @@ WORKFLOWS = {
                        **save("6", ["5", 0], "video_to_video")},
     "endless_stream": {**model(window=9, sinks=0), **text("2", RED), **state("3", length=0),
                        **sampler("4", ["3", 0], 20, conditioning=["2", 0]), **save("5", ["4", 2], "endless")},
+    # live: played in the LiveStream node while it is made; type a prompt there to steer it, Stop to end it
+    "live_stream": {**model(window=9, sinks=0), **state("2", length=0), **live("3", ["2", 0], RED, "text")},
+    "live_video_to_video": {**model(window=9, sinks=0), **state("2", length=0),
+                            **live("3", ["2", 0], BLUE, "shapes world", source_input=RED)},
 }
 NOTES = {
+    "live_stream": ("Queue it and watch the LiveStream node: the stream plays there while it is made. Type a prompt "
+                    "in its box (e.g. 'a blue square moving up on a gray background') and press Send: it takes over "
+                    "at the next chunk. Stop ends it; the recording and its prompt schedule are in "
+                    "output/causvid/live_NNNNN/. It stops by itself after 600 s of video."),
+    "live_video_to_video": ("Restyles its input live, shown beside the output: here an endless Shapes World clip of "
+                            "a red circle, turned blue by the prompt. Set source to 'camera' to restyle the "
+                            "browser's camera, or to 'video file' with a file name from ComfyUI's input folder."),
     "image_to_video": "Copy workflows/assets/yellow_square_navy.png into ComfyUI's input/ folder first.",
     "endless_stream": ("Endless stream (length 0) with a rolling KV window of 9 latent frames and no sinks: the context "
                        "the built-in model trained on (two past chunks + the current one). Over ten 30-chunk streams "
@@ -308,7 +328,8 @@ def to_ui(api: dict, pack: dict) -> dict:
             else:
                 in_list.append({"name": name, "type": t, "link": link})
         nodes.append({
-            "id": int(nid), "type": node["class_type"], "pos": [40 + 340 * col, 40 + 260 * row], "size": [300, 200],
+            "id": int(nid), "type": node["class_type"], "pos": [40 + 340 * col, 40 + 260 * row],
+            "size": list(NODE_SIZES.get(node["class_type"], (300, 200))),
             "flags": {}, "order": depth[nid], "mode": 0,
             "inputs": in_list,
             "outputs": [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}

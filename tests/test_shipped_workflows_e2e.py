@@ -20,7 +20,7 @@ import pytest
 from causvid_core import evaluate as E
 from causvid_core.pipeline import builtin_available
 from causvid_core.schedule import parse_schedule
-from comfy_host import ROOT, comfy_server, errors_of  # noqa: F401 (fixture)
+from comfy_host import ROOT, WsListener, comfy_server, errors_of  # noqa: F401 (fixture)
 
 API = ROOT / "workflows" / "api"
 ASSETS = ROOT / "workflows" / "assets"
@@ -41,11 +41,17 @@ def host(comfy_server):
     return comfy_server
 
 
+LIVE_SHOWN_FRAMES = 45  # a live workflow is stopped, as its user would, once this many frames reached a page
+
+
 def run(host, name: str) -> tuple[dict, list[np.ndarray]]:
     api = json.loads((API / f"{name}.json").read_text())
-    status, body = host.post_prompt(api)
-    assert status == 200, body
-    entry = host.wait_history(body["prompt_id"], timeout=300)
+    if any(n["class_type"] == "LiveStream" for n in api.values()):
+        entry = run_live(host, api)
+    else:
+        status, body = host.post_prompt(api)
+        assert status == 200, body
+        entry = host.wait_history(body["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "success", errors_of(entry)
     videos = []
     for node_id, out in entry["outputs"].items():
@@ -56,6 +62,26 @@ def run(host, name: str) -> tuple[dict, list[np.ndarray]]:
             videos.append(frames)
     assert videos, f"{name}: no video saved"
     return api, videos
+
+
+def run_live(host, api: dict) -> dict:
+    """Queue a live workflow, watch its frames arrive on the pack's websocket while it runs, press Stop."""
+    from causvid_core.live.hub import unpack_frame
+
+    with WsListener(f"ws://127.0.0.1:{host.port}/causvid/live/ws") as ws:
+        status, body = host.post_prompt(api)
+        assert status == 200, body
+        frames = []
+
+        def frame(m):
+            if isinstance(m, tuple):
+                frames.append(unpack_frame(m[1].to_bytes(4, "big") + m[2])[0])
+            return sum(h["kind"] == "out" for h in frames) >= LIVE_SHOWN_FRAMES
+        ws.wait_for(frame, timeout=300)
+        assert host.history(body["prompt_id"]) is None, "the live node finished before it was stopped"
+        status, reply = host.request("POST", "/causvid/live/stop", {})
+        assert status == 200, reply
+        return host.wait_history(body["prompt_id"], timeout=120)
 
 
 def nodes_of(api: dict, cls: str) -> list[dict]:
@@ -135,6 +161,11 @@ def _check_content(api: dict, name: str, video: np.ndarray, gaps: list[str]) -> 
         stream = E.evaluate_stream(video, texts[0], first_chunk_frames=9, value_range="uint8")
         assert_follows(stream["chunks"][-1], "last chunk of the endless stream", video, gaps)
         assert_follows(E.evaluate_clip(video, texts[0], value_range="uint8"), "whole stream", video, gaps)
+    elif name.startswith("live_"):
+        (node,) = nodes_of(api, "LiveStream")
+        assert len(video) >= LIVE_SHOWN_FRAMES
+        # the live stream shows its prompt; a restyled Shapes World clip shows the prompt's colour, not the input's
+        assert_follows(E.evaluate_clip(video, node["prompt"], value_range="uint8"), name, video, gaps)
     else:
         lengths = [n["length"] for n in nodes_of(api, "CausalKVState") + nodes_of(api, "CausalGenerate")]
         assert len(video) == lengths[0]
