@@ -45,6 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.seconds_given = args.seconds is not None
     if args.seconds is None:
         args.seconds = 600.0
+    size_given, args.size = args.size is not None, args.size or (832, 480)
     if args.what == "model":
         from .bench import bench_model
 
@@ -80,6 +81,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
             return bench_stream_cuda(args)
         result = bench_stream(seconds=args.seconds, model_path=args.model)
+    elif args.what == "live":
+        from .live.bench import bench_live
+
+        if size_given and args.size[0] != args.size[1]:
+            print("causvid bench live: --size must be square (WxW)", file=sys.stderr)
+            return 2
+        result = bench_live(seconds=args.seconds, model_path=args.model, size=args.size[0] if size_given else 64)
     else:  # argparse restricts the choices
         raise AssertionError(args.what)
     _print_json(result, args.json)
@@ -388,12 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_parity)
 
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=("model", "vae", "stream", "memory"))
+    b.add_argument("what", choices=("model", "vae", "stream", "memory", "live"))
     b.add_argument("--preset", help="model preset (default: wan2.1-t2v-1.3b for model and memory, shapes for vae)")
     b.add_argument("--latent", type=_latent_size, default=(32, 32), help="latent HxW (model bench)")
     b.add_argument("--frames", type=int, default=None,
                    help="stream length: latent frames for model (default 21), pixel frames 4k+1 for memory (81)")
-    b.add_argument("--size", type=_pixel_size, default=(832, 480), help="WxH in pixels (memory, stream --device cuda)")
+    b.add_argument("--size", type=_pixel_size, default=None,
+                   help="WxH in pixels (memory and stream --device cuda: default 832x480; live: 64x64)")
     b.add_argument("--window", type=int, default=None, help="rolling KV window in latent frames (memory)")
     b.add_argument("--sinks", type=int, default=0, help="sink frames of the window (memory)")
     b.add_argument("--device", default="cpu",

@@ -290,3 +290,14 @@ def test_a_paced_session_keeps_to_real_time_and_a_world_source_is_restyled():
     for t, c in seen[1:]:  # chunk c starts once the video before it is at most 0.5 s ahead
         assert t - t0 >= c.first_frame / 16 - 0.5 - 1e-3
     assert all(c.inputs is not None and c.inputs.shape[0] == c.frames.shape[0] for _, c in seen)
+
+
+def test_bench_live_plays_a_session_end_to_end():
+    """`causvid bench live` (short here): the in-process server, a player at 16 fps, every number reported."""
+    from causvid_core.live.bench import bench_live
+
+    r = bench_live(seconds=2.0)
+    assert r["bench"] == "live" and r["frames_shown"] == 32 and r["frames_made"] >= 32
+    assert r["fps_made"] > 0 and r["first_frame_s"] > 0 and r["first_frame_page_s"] >= r["first_frame_s"]
+    assert r["dropped"] == 0 and r["stalls"] >= 0 and r["rss_end_mb"] > 0 and len(r["load"]) == 6
+    assert r["rss_growth_mb"] is None  # under the 10 s warm-up: no baseline, no growth claimed

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -191,6 +192,15 @@ def test_live_stream_in_comfyui_plays_steers_stops_and_replays(comfy_server, liv
         assert len(running) == 1 and running[0]["node"] == "3", status
         assert max(canvas_mean(page, "live-output")) > 5, "the player's canvas shows nothing"
 
+        # another site open in the same browser can neither steer nor stop it (the 2024 ComfyUI has no origin
+        # check of its own: the pack's routes check)
+        for path in ("/causvid/live/prompt", "/causvid/live/stop"):
+            req = urllib.request.Request(comfy_server.url + path, data=json.dumps({"text": BLUE}).encode(),
+                                         method="POST", headers={"Origin": "http://evil.example",
+                                                                 "Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=10)
+            assert refused.value.code == 403
         at = steer_in_page(page, 'div[data-causvid="live"]')
         page.locator('div[data-causvid="live"] button', has_text="Stop").click()
         page.wait_for_function("() => !window.causvidLive.running && window.causvidLive.active.recording",

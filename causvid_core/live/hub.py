@@ -115,6 +115,9 @@ class _Entry:
 
 
 class LiveHub:
+    """Sessions are added from worker threads and read on the event loop: every walk over them takes a
+    snapshot (list() of a dict runs without releasing the GIL)."""
+
     def __init__(self, queue_frames: int = CLIENT_QUEUE_FRAMES, jpeg_quality: int = JPEG_QUALITY):
         self.queue_frames, self.jpeg_quality = queue_frames, jpeg_quality
         self.sessions: "OrderedDict[str, _Entry]" = OrderedDict()
@@ -126,7 +129,7 @@ class LiveHub:
         """Register a session before it runs; returns its id. `info` goes to the pages (node, width, ...)."""
         sid = uuid.uuid4().hex[:12]
         self.sessions[sid] = _Entry(session, {k: v for k, v in info.items()}, camera)
-        ended = [k for k, e in self.sessions.items() if e.session.stopped]
+        ended = [k for k, e in list(self.sessions.items()) if e.session.stopped]
         for k in ended[:-ENDED_KEPT]:
             del self.sessions[k]
         self._post({"type": "session", "session": sid, "prompt": session.first_prompt, **self._public(sid)}, False)
@@ -198,7 +201,7 @@ class LiveHub:
         """(session id, None) or (None, an error response)."""
         sid = body.get("session")
         if sid is None:
-            running = [k for k, e in self.sessions.items() if not e.session.stopped]
+            running = [k for k, e in list(self.sessions.items()) if not e.session.stopped]
             if len(running) != 1:
                 return None, self._error(409, "no stream is running: start one first" if not running else
                                          "several streams are running: say which (session)")
@@ -241,7 +244,7 @@ class LiveHub:
 
         if not origin_ok(request):
             return self._error(403, "requests are accepted only from this server's own page")
-        return web.json_response({"sessions": [self._status(k) for k in self.sessions]})
+        return web.json_response({"sessions": [self._status(k) for k in list(self.sessions)]})
 
     async def player(self, request):
         from aiohttp import web
@@ -258,7 +261,7 @@ class LiveHub:
         await ws.prepare(request)
         page = _Page(ws, self.queue_frames)
         self.pages.add(page)
-        for sid, e in self.sessions.items():  # a page that joins late learns what runs
+        for sid, e in list(self.sessions.items()):  # a page that joins late learns what runs
             if not e.session.stopped:
                 page.put({"type": "session", "session": sid, "prompt": e.session.stats.prompt or e.session.first_prompt,
                           **self._public(sid)}, False)
@@ -301,7 +304,7 @@ class LiveHub:
                     return
 
     async def close(self) -> None:
-        for entry in self.sessions.values():
+        for entry in list(self.sessions.values()):
             entry.session.stop()
         for page in list(self.pages):
             await page.ws.close()
