@@ -44,6 +44,8 @@ MODEL_NAME = "tiny_student.safetensors"
 # pixel frames each example saves (3-latent chunks: 9 frames first, 12 after; 4k+1 lengths)
 EXPECTED_FRAMES = {"builtin_demo": 33, "text_to_video_stream": 33, "chunk_chain": 33, "image_to_video": 33,
                    "prompt_schedule": 81, "video_to_video": 33, "endless_stream": 9 + 19 * 12}
+LIVE_SECONDS = 3.0  # seconds of video a live workflow makes here (9 + 12 * 4 = 57 frames, the chunk that passes 48)
+EXPECTED_FRAMES.update(live_stream=57, live_video_to_video=57)
 PINNED = ("torch", "torchvision", "numpy")  # never replaced in the ComfyUI venv
 
 
@@ -203,6 +205,8 @@ def check_workflow(host: ComfyHost, path: Path, rep: Report) -> None:
     for node in api.values():
         if node["inputs"].get("model_name") == BUILTIN:
             node["inputs"]["model_name"] = MODEL_NAME  # the built-in model is not committed yet
+        if node["class_type"] == "LiveStream":
+            node["inputs"]["seconds"] = LIVE_SECONDS  # a live stream runs until Stop: here, until this length
     client = uuid.uuid4().hex
     t0 = time.monotonic()
     detail, ok = "", False

