@@ -331,3 +331,52 @@ def test_live_stream_restyles_a_video_file_from_the_input_folder(pack):
     assert stats["source"] == "file" and stats["ended"] == "limit" and stats["frames"] >= 64
     (item,) = out["ui"]["causvid_videos"]
     assert read_video(host.output / item["subfolder"] / item["filename"]).shape[0] == stats["frames"]
+
+
+def test_live_stream_from_an_image_with_comfyuis_clip(pack):
+    """Image-to-video live, prompts encoded by a connected CLIP (as ComfyUI's Wan umT5 would be): the first
+    prompt and the one sent while it plays go through it, the DiT is loaded again after each encode (an
+    encode may evict it), and the stream starts from the image as StreamChunkSampler's does."""
+    from causvid_core.video_io import read_video
+
+    m, host = pack
+    model = _model(pack, window_frames=6, sink_frames=3)
+    enc = model.components.text_encoder
+
+    class Clip:  # ComfyUI's CLIP interface: tokenize, then encode_from_tokens -> [1, L, D]
+        def __init__(self):
+            self.texts = []
+
+        def tokenize(self, text):
+            self.texts.append(text)
+            return text
+
+        def encode_from_tokens(self, tokens):
+            with torch.no_grad():
+                return enc.encode([tokens]).cpu()
+
+    clip = Clip()
+    img = torch.rand(1, 32, 32, 3)
+    seeded = m.NODE_CLASS_MAPPINGS["CausalImageToVideo"]().seed_image(_state(pack, model, length=0), img)[0]
+
+    def steer(session, hub):
+        if session.stats.frames >= 9 and len(session.applied) == 1:
+            session.submit_prompt(B)
+        if session.stats.frames >= 33:
+            session.stop()
+            return True
+        return False
+
+    loads = len(host.loads)
+    out = _live(pack, seeded, steer, clip=clip)
+    assert clip.texts == [A, B]
+    assert len(host.loads) - loads >= 3  # before the run, and after each of the two encodes
+    (item,) = out["ui"]["causvid_videos"]
+    video = read_video(host.output / item["subfolder"] / item["filename"])
+    # the first frame is the one StreamChunkSampler makes from the image (up to the MP4 coding of a noisy tiny
+    # model's frame), far from the one it makes without the image
+    dist = {}
+    for name, st in (("image", seeded), ("text", _state(pack, model, length=0))):
+        _, _, frames = _sample(pack, st, 1, conditioning=_cond(pack, model))
+        dist[name] = float(np.abs(video[0].astype(np.float32) - (frames[0].numpy() * 255).round()).mean())
+    assert dist["image"] < 0.5 * dist["text"], dist
