@@ -66,20 +66,35 @@ class StreamSettings:
     blend_chunks: int = 2
     recache_frames: Optional[int] = None  # frames re-encoded by `recache`; default: all the cache holds
     rope: str = "auto"
+    # the first chunk's own steps (Causal Forcing's few-step students denoise the first chunk with more)
+    first_chunk_steps: Optional[tuple[float, ...]] = None
+    # Krea Realtime's KV-cache recomputation: before every chunk the cache is rebuilt at t = 0 from the first
+    # frame and the last (this - 1) frames, at positions counted from 0; no t = 0 refresh after a chunk
+    kv_recompute_frames: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.switch_mode not in SWITCH_MODES:
             raise ValueError(f"switch_mode must be one of {SWITCH_MODES}, got {self.switch_mode!r}")
-        if self.window_frames is None and self.max_frames is None:
+        if self.window_frames is None and self.max_frames is None and self.kv_recompute_frames is None:
             raise ValueError("give max_frames (the stream's length in latent frames) or window_frames "
                              "(a rolling window for endless streams)")
-        if not self.steps or list(self.steps) != sorted(self.steps, reverse=True):
-            raise ValueError(f"steps must be a non-empty decreasing list of timesteps, got {list(self.steps)}")
+        for name, steps in (("steps", self.steps), ("first_chunk_steps", self.first_chunk_steps)):
+            if steps is not None and (not steps or list(steps) != sorted(steps, reverse=True)):
+                raise ValueError(f"{name} must be a non-empty decreasing list of timesteps, got {list(steps)}")
+        if self.kv_recompute_frames is not None:
+            if self.kv_recompute_frames < 1:
+                raise ValueError(f"kv_recompute_frames must be >= 1, got {self.kv_recompute_frames}")
+            if self.window_frames is not None:
+                raise ValueError("kv_recompute_frames rebuilds the cache every chunk: it takes no window_frames")
 
     @classmethod
     def from_fields(cls, fields: dict) -> "StreamSettings":
         """From a plain dict (a checkpoint's metadata, CLI or node options): lists become tuples."""
-        return cls(**{k: tuple(v) if k == "steps" else v for k, v in fields.items()})
+        return cls(**{k: tuple(v) if k in ("steps", "first_chunk_steps") and v is not None else v
+                      for k, v in fields.items()})
+
+    def steps_for(self, chunk_index: int) -> tuple[float, ...]:
+        return self.first_chunk_steps if chunk_index == 0 and self.first_chunk_steps else self.steps
 
     @classmethod
     def from_preset(cls, name: str, **kw) -> "StreamSettings":
@@ -125,7 +140,9 @@ class CausalStream:
         self.channels = cfg.out_dim
         T = cfg.tokens_per_frame(*latent_hw)
         kw = dict(batch=batch, tokens_per_frame=T, rope=settings.rope, dtype=self.dtype, device=self.device)
-        if settings.window_frames is not None:
+        if settings.kv_recompute_frames is not None:  # the context frames and the chunk being made
+            self.cache = KVCache.full(cfg, frames=settings.kv_recompute_frames + settings.chunk_frames, **kw)
+        elif settings.window_frames is not None:
             self.cache = KVCache.window(cfg, window_frames=settings.window_frames,
                                         sink_frames=settings.sink_frames, **kw)
         else:
@@ -144,6 +161,7 @@ class CausalStream:
         self._blend: Optional[tuple[Tensor, Tensor, int]] = None  # (from, to, chunks done)
         self.history: deque[Tensor] = deque()  # clean latent chunks the cache holds, oldest first
         self._image_latent: Optional[Tensor] = None  # i2v with a chunk-multiple layout: frame 0 to hold
+        self._first_latent: Optional[Tensor] = None  # frame 0, always in a recomputed cache (Krea)
         # every write into the KV and decoder caches, to rebuild them (fork); None: not recorded. Latents
         # are kept on journal_device (default: the stream's device)
         self.journal: Optional[list[tuple]] = [] if journal else None
@@ -368,6 +386,8 @@ class CausalStream:
         self._acquire()
         t0 = time.perf_counter()
         latents = latents.to(self.device, self.dtype)
+        if self.frame == 0:
+            self._first_latent = latents[:, :, :1]
         s = 0
         for n in self._layout_for(latents.shape[2]):
             self._write_clean(latents[:, :, s:s + n], self.frame + s, self.context)
@@ -437,20 +457,43 @@ class CausalStream:
                 raise ValueError(f"the stream is complete: all {self.settings.max_frames} latent frames are made")
         ctx = self._chunk_context()
         x = self.initial_noise(ci, f)
-        steps = list(self.settings.steps)
+        steps = list(self.settings.steps_for(ci))
         if v2v_latents is not None:
             steps = restyle_steps(steps, strength)
             x = self.grid.add_noise(v2v_latents.to(x), x, float(steps[0]))
         fixed = self._image_latent if s == 0 else None
-        x0 = denoise_chunk(self.model, x, ctx, steps, self.grid, cache=self.cache, start_frame=s,
+        recompute = self.settings.kv_recompute_frames is not None
+        at = self._recompute_cache(ctx) if recompute else s  # where the chunk sits in the cache
+        x0 = denoise_chunk(self.model, x, ctx, steps, self.grid, cache=self.cache, start_frame=at,
                            chunk_index=ci, noise_fn=self.noise, fixed=fixed, callback=callback)
-        self._write_clean(x0, s, ctx)  # the t = 0 refresh: the cache holds the clean chunk
+        if not recompute:
+            self._write_clean(x0, s, ctx)  # the t = 0 refresh: the cache holds the clean chunk
+        if self._first_latent is None:
+            self._first_latent = x0[:, :, :1]
         self._remember(x0)
         if fixed is not None:
             self._image_latent = None  # used by the first chunk only
         frames = self._decode(x0)
         self.frame, self.chunk_index = s + f, ci + 1
         return Chunk(ci, s, x0, frames, self.prompt, seconds=time.perf_counter() - t0)
+
+    def _recompute_cache(self, context: Tensor) -> int:
+        """Krea's recomputation: rebuild the cache at t = 0 from frame 0 and the frames since
+        max(1, frame - (K - 1)), in groups of chunk_frames at slots counted from 0 (their block-causal
+        mask), under the current conditioning; returns the slot where the new chunk goes."""
+        K, c = self.settings.kv_recompute_frames, self.frame
+        self.cache.reset(start_frame=0)
+        self._record("reset", 0)
+        if c == 0:
+            return 0
+        held = torch.cat(list(self.history), dim=2)  # the clean frames ending at frame c - 1
+        lo = max(1, c - (K - 1))
+        recent = held[:, :, held.shape[2] - (c - lo):]
+        frames = torch.cat([self._first_latent if self._first_latent is not None else held[:, :, :1], recent], 2)
+        n, fpb = frames.shape[2], self.settings.chunk_frames
+        for g in range(0, n, fpb):
+            self._write_clean(frames[:, :, g:g + fpb], g, context)
+        return n
 
     def chunks(self, count: Optional[int] = None) -> Iterator[Chunk]:
         """Yield `count` chunks (None: until max_frames; forever with a rolling window and no max_frames)."""

@@ -107,3 +107,56 @@ def test_a_missing_case_fails(tmp_path):
 def test_an_unreadable_file_is_a_clear_error(tmp_path):
     r = _run_cli(tmp_path / "nope.json")
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+NEWER = {"causal-forcing-tiny-seed0": ("ar_causvid.out", "ar_first_chunk.out", "ar_first_chunk_1step.out",
+                                       "ar_i2v.out"),
+         "krea-tiny-seed0": ("ar_recompute.out",)}
+
+
+@pytest.mark.parametrize("name", sorted(NEWER))
+def test_newer_causal_systems_vectors_pass_through_the_stream(shared_dir, name):
+    """Causal Forcing (frame-wise chunks, the first chunk's own steps, an image prefix) and Krea Realtime (the
+    cache recomputed before every chunk) as CausalStream runs them, against their reference loops."""
+    lines = []
+    assert run_parity(PARITY_JSON.with_name(f"{name}.json"), only="dit", out=lines.append), "\n".join(lines)
+    for case in NEWER[name]:
+        assert any(line.startswith(case + " ") and line.endswith("ok") for line in lines), (case, lines)
+
+
+def test_the_stream_modes_matter_for_those_vectors(shared_dir):
+    """The settings the newer loops need are what makes them pass: without the first chunk's own steps, or
+    with Self-Forcing's loop instead of the recomputation, the same files fail by far more than the tolerance."""
+    from causvid_core import parity as P
+    from causvid_core.stream import StreamSettings
+
+    def worst(name, **override):
+        pf = P.ParityFile(PARITY_JSON.with_name(f"{name}.json"))
+        orig = StreamSettings.__init__
+
+        def patched(self, *a, **kw):
+            orig(self, *a, **{**kw, **override})
+        StreamSettings.__init__ = patched
+        try:
+            return max(r.rel_err for r in P.dit_cases(pf) if r.name.startswith("ar_") and r.name != "ar_causvid.out")
+        finally:
+            StreamSettings.__init__ = orig
+
+    assert worst("causal-forcing-tiny-seed0", first_chunk_steps=None) > 100 * P.TOLERANCE
+    assert worst("krea-tiny-seed0", kv_recompute_frames=None) > 10 * P.TOLERANCE
+
+
+def test_an_unknown_case_kind_fails(tmp_path):
+    """A case this version cannot run (a newer loop) is a failure with a reason, never a silent skip."""
+    path = _write_file(tmp_path)
+    meta = json.loads(path.read_text())
+    meta["ar_future"] = {"steps": [1000], "shift": 5.0, "frames_per_block": 1, "frames": 2}
+    path.write_text(json.dumps(meta))
+    st = path.with_suffix(".safetensors")
+    t = load_file(str(st))
+    t["mystery.out"] = torch.zeros(2)
+    save_file(t, str(st))
+    r = _run_cli(path, "--only", "dit")
+    assert r.returncode == 1, r.stdout
+    for case in ("ar_future.out", "mystery.*"):
+        assert re.search(rf"^{re.escape(case)} .* FAIL unknown case kind", r.stdout, re.M), r.stdout

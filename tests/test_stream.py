@@ -321,3 +321,25 @@ def test_a_rebuild_that_fails_leaves_the_buffers_to_be_rebuilt_again(monkeypatch
     monkeypatch.setattr(CausalStream, "_run_clean", run_clean)
     x, y = s.fork().step(), truth.step()
     assert torch.equal(x.latents, y.latents) and torch.equal(x.frames, y.frames)
+
+
+def test_krea_recompute_mode_runs_endless_in_a_fixed_cache_and_steers():
+    """kv_recompute_frames (Krea Realtime): no window, no length, a cache of K + chunk frames that never grows;
+    a fork continues it exactly; a prompt change takes effect (the cache is rebuilt under it every chunk)."""
+    comps = tiny_components()
+    settings = StreamSettings(max_frames=None, kv_recompute_frames=4, chunk_frames=2, seed=5)
+    s = CausalStream(comps.model, settings, latent_hw=(4, 4), vae=comps.vae, text_encoder=comps.text_encoder,
+                     journal=True)
+    s.set_prompt(A)
+    cap = s.cache.capacity_frames
+    first = [s.step() for _ in range(3)]
+    fork = s.fork()
+    a = [fork.step().latents for _ in range(3)]
+    again = s.fork()  # s rebuilds its cache from the journal, then continues the same way
+    b = [again.step().latents for _ in range(3)]
+    assert cap == 6 and s.cache.capacity_frames == cap and all(torch.equal(x, y) for x, y in zip(a, b))
+    fork.set_prompt(B)
+    assert not torch.equal(fork.step().latents, s.fork().step().latents)
+    with pytest.raises(ValueError, match="no window_frames"):
+        StreamSettings(max_frames=None, kv_recompute_frames=4, window_frames=6)
+    assert first[0].latents.shape[2] == 2
