@@ -125,7 +125,10 @@ def _steps(text: str) -> dict:
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    out = dict(args.steps or {})
+    from .stream_presets import stream_preset
+
+    out = stream_preset(args.stream_preset) if getattr(args, "stream_preset", None) else {}
+    out.update(args.steps or {})
     if args.shift is not None:
         out["shift"] = args.shift
     if args.window is not None:
@@ -219,7 +222,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         comps = _components(args)
         prompts = _prompts(args)
         fields = {**comps.stream_defaults, **_settings(args), "seed": args.seed}
-        if not fields.get("window_frames"):  # an endless stream needs a rolling window: LongLive's 12 + 3 sinks
+        if not fields.get("window_frames") and not fields.get("kv_recompute_frames"):
+            # an endless stream needs a rolling window (LongLive's 12 + 3 sinks) or Krea's recomputation
             fields["window_frames"] = 12
             fields.setdefault("sink_frames", 3)
         settings = StreamSettings.from_fields(fields)
@@ -266,7 +270,7 @@ def cmd_live(args: argparse.Namespace) -> int:
         comps = _components(args)
         hw = latent_size(comps, args.height or 64, args.width or 64)
         fields = {**comps.stream_defaults, **_settings(args), "max_frames": None}
-        if not fields.get("window_frames"):  # endless: a rolling window (LongLive's 12 + 3 sinks)
+        if not fields.get("window_frames") and not fields.get("kv_recompute_frames"):  # endless: LongLive's window
             fields["window_frames"] = 12
             fields.setdefault("sink_frames", 3)
         device = next(comps.model.parameters()).device
@@ -314,6 +318,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", help="a prompt schedule file: lines 'FRAME: prompt'")
     p.add_argument("--switch-mode", choices=("cut", "recache", "blend"), help="how prompts change (default cut)")
     p.add_argument("--model", help="DiT checkpoint (default: the built-in model)")
+    from .stream_presets import STREAM_PRESETS
+
+    p.add_argument("--stream-preset", choices=list(STREAM_PRESETS),
+                   help="the model's stream settings (chunk size, steps, window, ...) when its file does not say "
+                        "them and its name does not give them away")
     p.add_argument("--vae", help="VAE checkpoint (default: the built-in VAE)")
     p.add_argument("--text-encoder", help="text encoder (default: the built-in one)")
     p.add_argument("--seed", type=int, default=0)

@@ -48,11 +48,17 @@ def _resolve(path: Optional[str | os.PathLike], part: str, beside: Optional[Path
 
 
 def stream_defaults_of(path: str | os.PathLike) -> dict:
+    """The stream settings a checkpoint runs with: from its metadata (our safetensors), else from the preset
+    its name points to (stream_presets.py: Causal Forcing, Krea, LongLive, ...), else none (the defaults)."""
+    from .stream_presets import preset_for_file, stream_preset
+
     p = Path(path)
-    if p.suffix != ".safetensors":
-        return {}
-    meta = read_checkpoint_metadata(p)
-    return json.loads(meta[META_STREAM]) if META_STREAM in meta else {}
+    if p.suffix == ".safetensors":
+        meta = read_checkpoint_metadata(p)
+        if META_STREAM in meta:
+            return json.loads(meta[META_STREAM])
+    name = preset_for_file(p)
+    return stream_preset(name) if name else {}
 
 
 def read_checkpoint_metadata(path: Path) -> dict[str, str]:

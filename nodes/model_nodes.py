@@ -6,10 +6,12 @@ from pathlib import Path
 import torch
 
 from ..causvid_core.checkpoints import load_dit
+from ..causvid_core.stream_presets import STREAM_PRESETS, stream_preset
 from ..causvid_core.pipeline import BUILTIN_FILES, Components, builtin_available, load_components, stream_defaults_of
 from . import host
 from .types import CausalModel, require, to_conditioning
 
+FROM_FILE = "from the file"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CATEGORY = "causvid/stream"
 
@@ -35,9 +37,14 @@ class LoadCausalModel:
                                                  "0 = the model's own (built-in: 9) or, without one, keep all"}),
             "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "first frames never evicted from the window (LongLive: 3)"}),
+        }, "optional": {
+            "preset": ([FROM_FILE] + list(STREAM_PRESETS), {
+                "default": FROM_FILE,
+                "tooltip": "the model's stream settings (chunk size, steps, window, Krea's recomputation); "
+                           "from the file: its metadata or its name (e.g. causal_forcing_framewise.pt)"}),
         }}
 
-    def load(self, model_name, dtype, frames_per_chunk, window_frames, sink_frames):
+    def load(self, model_name, dtype, frames_per_chunk, window_frames, sink_frames, preset=FROM_FILE):
         # weights go to ComfyUI's offload device; the samplers ask ComfyUI to load them when they run
         device, where = host.torch_device(), host.offload_device()
         dt = DTYPES[dtype] or host.model_dtype(device)
@@ -54,6 +61,11 @@ class LoadCausalModel:
             else:  # a Wan / CausVid / Self-Forcing file: ComfyUI's VAE and text encoder come in by sockets
                 comps = Components(load_dit(path, dtype=dt, device=where), None, None, stream_defaults_of(path), path)
         settings = dict(comps.stream_defaults)
+        if preset != FROM_FILE:
+            settings.update(stream_preset(preset))
+        if window_frames and settings.get("kv_recompute_frames"):
+            raise ValueError(f"{preset if preset != FROM_FILE else model_name} rebuilds its KV cache every chunk "
+                             "(Krea's recomputation) and has no window: set window_frames to 0")
         if frames_per_chunk:
             settings["chunk_frames"] = frames_per_chunk
         if window_frames:

@@ -50,7 +50,7 @@ class CausalKVState:
         fields = dict(model.settings, seed=seed)
         if length:
             fields["max_frames"] = latent_frames(length, causal_vae.config.time_factor)
-        elif not fields.get("window_frames"):
+        elif not fields.get("window_frames") and not fields.get("kv_recompute_frames"):
             raise ValueError("length 0 means an endless stream: set window_frames on LoadCausalModel "
                              "(e.g. 12 with 3 sink frames for LongLive; the built-in model brings its own, 9)")
         sf = causal_vae.config.space_factor

@@ -27,7 +27,8 @@ BLUE = "a blue circle moving right on a black background"
 def model(node_id="1", **kw):
     return {node_id: {"class_type": "LoadCausalModel", "inputs": {
             "model_name": kw.get("name", BUILTIN), "dtype": "auto",
-            "frames_per_chunk": 0, "window_frames": kw.get("window", 0), "sink_frames": kw.get("sinks", 0)}}}
+            "frames_per_chunk": 0, "window_frames": kw.get("window", 0), "sink_frames": kw.get("sinks", 0),
+            "preset": kw.get("preset", "from the file")}}}
 
 
 def text(node_id, prompt, model_ref="1"):

@@ -343,3 +343,28 @@ def test_krea_recompute_mode_runs_endless_in_a_fixed_cache_and_steers():
     with pytest.raises(ValueError, match="no window_frames"):
         StreamSettings(max_frames=None, kv_recompute_frames=4, window_frames=6)
     assert first[0].latents.shape[2] == 2
+
+
+def test_stream_presets_are_recognised_from_the_file_name(tmp_path):
+    """A frame-wise Causal Forcing file runs in 1-frame chunks, Krea's with its recomputation, ours from its
+    metadata; a name that says nothing gives the defaults; every preset makes valid settings."""
+    from causvid_core.pipeline import stream_defaults_of
+    from causvid_core.stream_presets import STREAM_PRESETS, preset_for_file, stream_preset
+
+    cases = {"causal_forcing_framewise.pt": "causal-forcing-framewise",
+             "causal_forcing_chunkwise.pt": "causal-forcing-chunkwise",
+             "CausalForcing_2step.pt": "causal-forcing-framewise-2step",
+             "krea-realtime-video-14b.safetensors": "krea-realtime", "longlive_base.pt": "longlive",
+             "self_forcing_dmd.pt": "self-forcing", "autoregressive_checkpoint/model.pt": None,
+             "wan2.1_t2v_1.3B_fp16.safetensors": None}
+    for name, want in cases.items():
+        assert preset_for_file(tmp_path / name) == want, name
+    assert preset_for_file(tmp_path / "causvid" / "model.pt") == "causvid"  # the folder's name counts too
+    assert stream_defaults_of(tmp_path / "causal_forcing_framewise.pt")["chunk_frames"] == 1
+    for name in STREAM_PRESETS:
+        fields = stream_preset(name)
+        s = StreamSettings.from_fields({**fields, "max_frames": 21})
+        assert s.chunk_frames == fields["chunk_frames"]
+    assert StreamSettings.from_fields({**stream_preset("krea-realtime"), "max_frames": None}).steps[-1] == 0.0
+    with pytest.raises(ValueError, match="unknown stream preset"):
+        stream_preset("nope")
