@@ -80,6 +80,13 @@ def gated_add(x: Tensor, y: Tensor, gate: Tensor, frames: int) -> Tensor:
     return out.view(B, L, D).type_as(x)
 
 
+def _modulation(module: nn.Module) -> Tensor:
+    """A block's (or the head's) modulation: its own Parameter, or the one of the ComfyUI block it runs on
+    (`modulation_source`, nodes/comfy_model.py)."""
+    source = getattr(module, "modulation_source", None)
+    return source.modulation if source is not None else module.modulation
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -149,7 +156,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, e0: Tensor, frames: int, rope: Tensor, attend: AttendFn, layer: int,
                 cross_kv: tuple[Tensor, ...], attention: AttentionFn) -> Tensor:
         # e0 [B, F or 1, 6, D] -> six [B, F or 1, 1, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        mod = _modulation(self).to(device=e0.device, dtype=e0.dtype)  # stored in the weights' dtype (fp8 too)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod.unsqueeze(1) + e0).chunk(6, dim=2)
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1, frames).type_as(x), rope, attend, layer)
         x = gated_add(x, y, gate1, frames)
         x = x + self.cross_attn(self.norm3(x), cross_kv, attention)
@@ -166,7 +174,8 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor, frames: int) -> Tensor:
         # e [B, F or 1, D] (the time embedding before the 6-way projection, as in Wan)
-        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # [B, F|1, 1, D]
+        mod = _modulation(self).to(device=e.device, dtype=e.dtype)
+        shift, scale = (mod.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # [B, F|1, 1, D]
         return self.head(modulate(self.norm(x), shift, scale, frames).type_as(x))
 
 
@@ -212,6 +221,9 @@ class WanDiT(nn.Module):
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(cfg.clip_dim, D)
         self._rope: Optional[Rope] = None  # plain attribute: Wan's state dict has no RoPE table
+        # the dtype activations run in when it is not the weights' (ComfyUI's fp8 storage with a cast per
+        # layer: comfy_model.py); None: the weights' dtype
+        self.compute_dtype_override: Optional[torch.dtype] = None
 
     # -- setup ---------------------------------------------------------------------------------
     def set_attention(self, backend: str | AttentionFn) -> None:
@@ -235,6 +247,11 @@ class WanDiT(nn.Module):
         self.head.modulation.normal_(0, 1 / self.config.dim ** 0.5)
         nn.init.zeros_(self.head.head.weight)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations, the KV cache and the stream's latents use."""
+        return self.compute_dtype_override or self.text_embedding[0].weight.dtype
+
     def rope(self) -> Rope:
         device = self.patch_embedding.weight.device
         if self._rope is None or self._rope.device != device:
@@ -251,13 +268,13 @@ class WanDiT(nn.Module):
             raise ValueError(f"context has {C} channels, the model expects text_dim={self.config.text_dim}")
         if Lc < self.config.text_len:
             context = torch.cat([context, context.new_zeros(B, self.config.text_len - Lc, C)], dim=1)
-        w = self.text_embedding[0].weight
-        ctx = self.text_embedding(context.to(w.dtype))
+        dt = self.compute_dtype
+        ctx = self.text_embedding(context.to(dt))
         ctx_img = None
         if self.config.model_type == "i2v":
             if clip_fea is None:
                 raise ValueError("an i2v model needs clip_fea (CLIP image features)")
-            ctx_img = self.img_emb(clip_fea.to(w.dtype))
+            ctx_img = self.img_emb(clip_fea.to(dt))
         return ctx, ctx_img
 
     def cross_kv(self, context: Tensor, clip_fea: Optional[Tensor] = None) -> list[tuple[Tensor, ...]]:
@@ -269,15 +286,15 @@ class WanDiT(nn.Module):
         """t [B] or [B, F] -> e [B, F|1, D] and e0 [B, F|1, 6, D], float32."""
         if t.dim() == 1:
             t = t.unsqueeze(1)
-        w = self.time_embedding[0].weight
-        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).float().to(w.dtype)).float()
-        e0 = self.time_projection(e.to(w.dtype)).float().unflatten(-1, (6, self.config.dim))
+        dt = self.compute_dtype
+        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).float().to(dt)).float()
+        e0 = self.time_projection(e.to(dt)).float().unflatten(-1, (6, self.config.dim))
         return e, e0
 
     def patchify(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """[B, C, F, H, W] -> tokens [B, L, D] and the token grid (F', h, w)."""
-        w = self.patch_embedding.weight
-        x = self.patch_embedding(x.to(w.dtype))  # [B, D, F', h, w]
+        w = self.patch_embedding.weight  # float32 in ComfyUI's Wan, whatever the other weights are
+        x = self.patch_embedding(x.to(w.dtype)).to(self.compute_dtype)  # [B, D, F', h, w]
         grid = tuple(x.shape[2:])
         return x.flatten(2).transpose(1, 2), grid
 

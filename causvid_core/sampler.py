@@ -210,7 +210,7 @@ def sample_causal_teacher(model, noise: Tensor, cond: Tensor, uncond: Optional[T
     of them at t = 0."""
     B, F = noise.shape[0], noise.shape[2]
     T = model.config.tokens_per_frame(*noise.shape[-2:])
-    dtype = next(model.parameters()).dtype
+    dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
 
     def make_cache() -> KVCache:
         if window_frames:

@@ -134,7 +134,7 @@ class CausalStream:
         self.model, self.settings = model, settings
         self.vae, self.text_encoder = vae, text_encoder
         self.device = torch.device(device)
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
         cfg = model.config
         self.batch, self.latent_hw = batch, tuple(latent_hw)
         self.channels = cfg.out_dim

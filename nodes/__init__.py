@@ -1,12 +1,13 @@
 """ComfyUI adapters (V1 node API): thin classes over causvid_core. Imported only by the pack's root
 __init__.py through relative imports, never as a top-level `nodes` package (ComfyUI has one)."""
 from .live_nodes import LiveStream
-from .model_nodes import CausalTextEncode, LoadCausalModel
+from .model_nodes import CausalModelFromComfy, CausalTextEncode, LoadCausalModel
 from .stream_nodes import CausalImageToVideo, CausalKVState, PromptSchedule, StreamChunkSampler
 from .video_nodes import CausalDecodeStream, CausalGenerate, SaveCausalVideo, VideoToVideoStream
 
 _NODES = {
     "LoadCausalModel": (LoadCausalModel, "Load Causal Model (CausVid)"),
+    "CausalModelFromComfy": (CausalModelFromComfy, "Causal Model from MODEL (ComfyUI's Wan)"),
     "CausalTextEncode": (CausalTextEncode, "Causal Text Encode (built-in)"),
     "CausalKVState": (CausalKVState, "Causal KV State"),
     "CausalImageToVideo": (CausalImageToVideo, "Causal Image to Video"),

@@ -95,3 +95,41 @@ class CausalTextEncode:
                              "text encoder (models/text_encoders) instead")
         with torch.no_grad():
             return (to_conditioning(enc.encode([text]).cpu()),)
+
+
+class CausalModelFromComfy:
+    DESCRIPTION = ("Use ComfyUI's own Wan 2.1 MODEL (Load Diffusion Model with any weight dtype, LoRA loaders) as a "
+                   "causal streaming model: its weights stay ComfyUI's (fp8 storage, LoRA patches, offloading). "
+                   "Choose the stream settings the model was distilled for (Self-Forcing, CausVid, LongLive, Causal "
+                   "Forcing, Krea); use ComfyUI's CLIP text encoder and Wan VAE with it.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CAUSAL_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "preset": (list(STREAM_PRESETS), {"default": "self-forcing",
+                                              "tooltip": "the stream settings the causal model was made for"}),
+            "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
+                                         "tooltip": "latent frames per chunk; 0 = the preset's"}),
+            "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                      "tooltip": "rolling KV window for endless streams; 0 = the preset's"}),
+            "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64}),
+        }}
+
+    def convert(self, model, preset, frames_per_chunk, window_frames, sink_frames):
+        from .comfy_model import causal_dit_from_comfy
+
+        dit = causal_dit_from_comfy(model)
+        settings = stream_preset(preset)
+        if window_frames and settings.get("kv_recompute_frames"):
+            raise ValueError(f"{preset} rebuilds its KV cache every chunk and has no window: set window_frames to 0")
+        if frames_per_chunk:
+            settings["chunk_frames"] = frames_per_chunk
+        if window_frames:
+            settings.update(window_frames=window_frames, sink_frames=sink_frames)
+        name = f"ComfyUI MODEL ({preset})"
+        return (CausalModel(Components(dit, None, None, settings, name), settings, name, patcher=model),)

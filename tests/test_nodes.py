@@ -61,7 +61,8 @@ def test_every_node_is_registered_and_well_formed(pack):
     m, _ = pack
     assert set(m.NODE_CLASS_MAPPINGS) == {"LoadCausalModel", "CausalTextEncode", "CausalKVState", "CausalImageToVideo",
                                           "PromptSchedule", "StreamChunkSampler", "VideoToVideoStream",
-                                          "CausalGenerate", "CausalDecodeStream", "SaveCausalVideo", "LiveStream"}
+                                          "CausalGenerate", "CausalDecodeStream", "SaveCausalVideo", "LiveStream",
+                                          "CausalModelFromComfy"}
     assert m.WEB_DIRECTORY == "./js"
     for name, cls in m.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
@@ -380,3 +381,23 @@ def test_live_stream_from_an_image_with_comfyuis_clip(pack):
         _, _, frames = _sample(pack, st, 1, conditioning=_cond(pack, model))
         dist[name] = float(np.abs(video[0].astype(np.float32) - (frames[0].numpy() * 255).round()).mean())
     assert dist["image"] < 0.5 * dist["text"], dist
+
+
+def test_causal_model_from_comfy_refuses_what_is_not_a_wan_t2v_model(pack):
+    """CausalModelFromComfy: a literal, another architecture or a Wan i2v MODEL get a reason and what to connect
+    (its numbers are checked in a real ComfyUI: tests/test_comfy_model_e2e.py)."""
+    m, _ = pack
+    node = m.NODE_CLASS_MAPPINGS["CausalModelFromComfy"]()
+    Fake = type("Fake", (), {})
+
+    def model_of(inner):
+        patcher, base = Fake(), Fake()
+        base.diffusion_model, patcher.model = inner, base
+        return patcher
+
+    wan = type("WanModel", (torch.nn.Module,), {})()
+    wan.model_type = "i2v"
+    for bad, why in (("not a model", "not a ComfyUI MODEL"), (model_of(torch.nn.Linear(2, 2)), "not Wan 2.1"),
+                     (model_of(wan), "i2v model")):
+        with pytest.raises(ValueError, match=why):
+            node.convert(bad, "self-forcing", 0, 0, 0)
