@@ -34,3 +34,25 @@ def register_routes() -> None:
         from . import host
 
         host.live_hub()
+
+
+def install_example_inputs() -> None:
+    """Put the example workflows' input files (workflows/assets/) into ComfyUI's input folder, once, so a
+    shipped workflow that loads one (image_to_video.json's LoadImage) runs as it is loaded. A file of the
+    same name that is already there is left alone."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        import folder_paths
+        target = Path(folder_paths.get_input_directory())
+    except Exception:  # not inside ComfyUI
+        return
+    for asset in (Path(__file__).resolve().parents[1] / "workflows" / "assets").glob("*.png"):
+        dest = target / asset.name
+        if not dest.exists():
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(asset, dest)
+            except OSError as exc:  # a read-only input folder: the workflow then asks for the file
+                print(f"[causvid] could not copy {asset.name} into {target}: {exc}")

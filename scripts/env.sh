@@ -44,11 +44,13 @@ PY
   done
   touch "$_base/.complete"
 fi
-# Debian's chromium for the headless-browser test (tests/test_browser.py), installed here because
-# playwright's own browser download cannot run on these machines. Only as root with apt-get; otherwise
+# Debian's chromium for the headless-browser tests (tests/test_browser.py), installed here because
+# playwright's own browser download cannot run on these machines; only for the test set-up
+# (scripts/test.sh sets CAUSVID_WITH_BROWSER=1), never for the demo. Only as root with apt-get; otherwise
 # the test skips outside CI and fails in CI (CI=true), naming this step. A failed install does not stop
 # the environment: the test reports it.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+if [ "${CAUSVID_WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
   echo "[env] installing chromium (apt-get) for tests/test_browser.py" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null \
     || echo "[env] could not install chromium: tests/test_browser.py will report it" >&2

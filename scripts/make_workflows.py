@@ -111,7 +111,7 @@ NOTES = {
     "live_video_to_video": ("Restyles its input live, shown beside the output: here an endless Shapes World clip of "
                             "a red circle, turned blue by the prompt. Set source to 'camera' to restyle the "
                             "browser's camera, or to 'video file' with a file name from ComfyUI's input folder."),
-    "image_to_video": "Copy workflows/assets/yellow_square_navy.png into ComfyUI's input/ folder first.",
+    "image_to_video": "Its image, yellow_square_navy.png, is put into ComfyUI's input/ folder by the pack itself.",
     "endless_stream": ("Endless stream (length 0) with a rolling KV window of 9 latent frames and no sinks: the context "
                        "the built-in model trained on (two past chunks + the current one). Over ten 30-chunk streams "
                        "colour, background or motion went wrong in 5% of chunks at 9 + 0 (and at 12 + 0), 9% at "

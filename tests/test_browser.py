@@ -66,8 +66,8 @@ def chromium_path() -> Optional[str]:
 
 def missing_browser(reason: str) -> None:
     """Fail in CI, where a skipped browser test would hide a broken install step; skip elsewhere."""
-    msg = f"{reason}: `source scripts/env.sh` installs it (chromium by apt-get as root, playwright from " \
-          f"requirements-dev.txt)"
+    msg = f"{reason}: `bash scripts/test.sh` installs it (chromium by apt-get as root when CAUSVID_WITH_BROWSER=1, " \
+          f"playwright from requirements-dev.txt)"
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(msg, pytrace=False)
     pytest.skip(msg)

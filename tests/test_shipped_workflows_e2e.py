@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import av
@@ -36,8 +35,9 @@ KNOWN_GAPS: dict[str, str] = {}  # name -> why; empty since the runs/s13 model (
 @pytest.fixture(scope="module")
 def host(comfy_server):
     assert builtin_available(), "the built-in model (causvid_core/builtin/) is missing: the workflows need it"
-    for png in ASSETS.glob("*.png"):  # what a user puts in ComfyUI's input/ folder for LoadImage
-        shutil.copy(png, comfy_server.input_dir / png.name)
+    # the pack put the example inputs into ComfyUI's input/ folder itself when ComfyUI imported it
+    for png in ASSETS.glob("*.png"):
+        assert (comfy_server.input_dir / png.name).read_bytes() == png.read_bytes(), png.name
     return comfy_server
 
 
