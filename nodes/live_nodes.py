@@ -27,7 +27,8 @@ class LiveStream:
                    "file from the input folder, or a Shapes World clip. Everything shown is recorded in the output "
                    "folder (a playable MP4 at any stop) with the schedule of the prompts applied.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ()
+    RETURN_TYPES = ("VIDEO",)
+    RETURN_NAMES = ("video",)
     OUTPUT_NODE = True
     FUNCTION = "run"
 
@@ -51,10 +52,13 @@ class LiveStream:
                                         "video file: a file in ComfyUI's input folder; shapes world: the clip's "
                                         f"prompt (default '{DEFAULT_PROMPT}')"}),
             "filename_prefix": ("STRING", {"default": "causvid_live"}),
-        }, "optional": {"clip": ("CLIP",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": {"clip": ("CLIP",),
+                        "video": ("VIDEO", {"tooltip": "source 'video file': ComfyUI's VIDEO (LoadVideo) instead of "
+                                                       "source_input, read as it plays"})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def run(self, state, prompt, mode, seconds, source, strength, source_input, filename_prefix, clip=None,
-            unique_id=None):
+            unique_id=None, video=None):
         state = require(state, StreamState, "state", "connect CausalKVState or CausalImageToVideo")
         if source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -67,7 +71,8 @@ class LiveStream:
         state.load()
         stream = state.stream.fork()  # the input state stays as it is (ComfyUI caches it)
         holder: list[LiveSession] = []
-        src = _source(source, source_input, h, w, stream.settings.seed, lambda: bool(holder) and holder[0].stopped)
+        src = _source(source, source_input, h, w, stream.settings.seed, lambda: bool(holder) and holder[0].stopped,
+                      video)
         camera = src if isinstance(src, CameraSource) else None
         session = LiveSession(stream, prompt, mode=mode, max_frames=int(seconds * FPS) or None,
                               check=host.check_interrupt, source=src, strength=strength,
@@ -99,7 +104,10 @@ class LiveStream:
         out = Path(host.output_directory()).resolve()
         item = {"filename": recording.name, "subfolder": str(recording.parent.relative_to(out)), "type": "output",
                 "format": "video/mp4", "frames": session.stats.frames, "fps": FPS}
-        return {"ui": {"causvid_videos": [item], "causvid_live": [{"session": sid, **session.stats.to_dict()}]}}
+        from .video_types import video_output
+
+        return {"ui": {"causvid_videos": [item], "causvid_live": [{"session": sid, **session.stats.to_dict()}]},
+                "result": (video_output(recording),)}
 
 
 def _recording_folder(prefix: str) -> Path:
@@ -130,9 +138,13 @@ def _encoder(state: StreamState, clip):
     return encode
 
 
-def _source(kind: str, value: str, h: int, w: int, seed: int, stopped):
+def _source(kind: str, value: str, h: int, w: int, seed: int, stopped, video=None):
     if kind == "text":
         return None
+    if kind == "video file" and video is not None:
+        from .video_types import VideoInputSource
+
+        return VideoInputSource(video, h, w)
     if kind == "camera":
         return CameraSource(h, w, stopped=stopped)
     if kind == "shapes world":

@@ -30,16 +30,25 @@ class VideoToVideoStream:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("CAUSAL_MODEL",),
-            "images": ("IMAGE",),
             "conditioning": ("CONDITIONING",),
             "strength": ("FLOAT", {"default": 0.6, "min": 0.05, "max": 1.0, "step": 0.05,
                                    "tooltip": "1 ignores the input; lower keeps more of it"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
             "steps": ([MODEL_DEFAULT] + sorted(STEP_PRESETS), {"default": MODEL_DEFAULT}),
-        }, "optional": {"vae": ("VAE",)}}
+        }, "optional": {"images": ("IMAGE",), "video": ("VIDEO", {"tooltip": "instead of images: ComfyUI's "
+                                                                             "VIDEO (LoadVideo), trimmed to 4k+1 frames"}),
+                        "vae": ("VAE",)}}
 
-    def restyle(self, model, images, conditioning, strength, seed, steps, vae=None):
+    def restyle(self, model, conditioning, strength, seed, steps, images=None, vae=None, video=None):
         model = require(model, CausalModel, "model", "connect LoadCausalModel")
+        if (images is None) == (video is None):
+            raise ValueError("connect either images (IMAGE) or video (VIDEO) to restyle")
+        if video is not None:
+            from .video_types import read_frames
+
+            frames = read_frames(video)
+            frames = frames[:4 * ((len(frames) - 1) // 4) + 1]  # the causal VAE's 4k+1 frames
+            images = torch.from_numpy(frames).float().div_(255.0)
         T, H, W = images.shape[0], images.shape[1], images.shape[2]
         if (T - 1) % 4:
             raise ValueError(f"video-to-video needs 4k+1 frames (…, 33, 81), got {T}: trim the input "
@@ -134,9 +143,11 @@ class CausalDecodeStream:
 
 
 class SaveCausalVideo:
-    DESCRIPTION = "Save frames as an H.264 MP4 (PyAV) in ComfyUI's output folder, for ComfyUI versions without native video saving."
+    DESCRIPTION = ("Save frames as an H.264 MP4 (PyAV) in ComfyUI's output folder and play it in the node; its VIDEO "
+                   "output is the saved file (for ComfyUI's video nodes; None in ComfyUI before 2025).")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ()
+    RETURN_TYPES = ("VIDEO",)
+    RETURN_NAMES = ("video",)
     OUTPUT_NODE = True
     FUNCTION = "save"
 
@@ -162,4 +173,6 @@ class SaveCausalVideo:
             w.write(frames)
         item = {"filename": name, "subfolder": sub, "type": "output", "format": "video/mp4",
                 "frames": int(frames.shape[0]), "fps": fps}
-        return {"ui": {"causvid_videos": [item]}, "result": ()}
+        from .video_types import video_output
+
+        return {"ui": {"causvid_videos": [item]}, "result": (video_output(folder / name),)}

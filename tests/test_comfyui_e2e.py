@@ -333,3 +333,37 @@ def test_requeuing_an_unchanged_graph_reruns_nothing(comfy):
     third = comfy.run(workflow("t2v", **{"3": {"seed": 7}, "5": {"filename_prefix": "e2e/resaved"}}))
     assert cached_nodes(third) == set(api) - {"5"}
     assert fetch_video(comfy, third)[0] == fetch_video(comfy, first)[0]
+
+
+def test_comfyuis_video_type_goes_in_and_out(comfy):
+    """ComfyUI's VIDEO: LoadVideo -> VideoToVideoStream restyles it; SaveCausalVideo's VIDEO -> ComfyUI's
+    SaveVideo writes it again. The restyle follows its prompt (the evaluator reads blue off a red input)."""
+    from causvid_core import evaluate as E
+    from causvid_core import world
+    from causvid_core.video_io import write_mp4
+
+    if comfy.tree == "2024":
+        pytest.skip("the March 2024 ComfyUI has no VIDEO type")
+    spec = world.spec_from_prompt("a red circle moving right on a black background", np.random.default_rng(0))
+    write_mp4(comfy.input_dir / "red_circle.mp4", world.render(spec, 36))  # trimmed to 33 by the node
+    blue = "a blue circle moving right on a black background"
+    api = {
+        "1": {"class_type": "LoadCausalModel", "inputs": {"model_name": "built-in: Shapes World (CPU)", "dtype": "auto",
+                                                          "frames_per_chunk": 0, "window_frames": 0, "sink_frames": 0}},
+        "2": {"class_type": "CausalTextEncode", "inputs": {"model": ["1", 0], "text": blue}},
+        "3": {"class_type": "LoadVideo", "inputs": {"file": "red_circle.mp4"}},
+        "4": {"class_type": "VideoToVideoStream", "inputs": {"model": ["1", 0], "conditioning": ["2", 0],
+                                                             "strength": 0.6, "seed": 0, "steps": "model default",
+                                                             "video": ["3", 0]}},
+        "5": {"class_type": "SaveCausalVideo", "inputs": {"images": ["4", 0], "fps": 16,
+                                                          "filename_prefix": "e2e/video_in"}},
+        "6": {"class_type": "SaveVideo", "inputs": {"video": ["5", 0], "filename_prefix": "e2e/video_out",
+                                                    "format": "auto", "codec": "auto"}},
+    }
+    entry = comfy.run(api, timeout=300)
+    _, ours = fetch_video(comfy, entry, "5")
+    (item,) = entry["outputs"]["6"]["images"]
+    theirs = decode_mp4(comfy.view(item["filename"], item["subfolder"]))
+    assert ours.shape == theirs.shape == (33, 64, 64, 3)
+    assert np.abs(ours.astype(np.float32) - theirs.astype(np.float32)).mean() < 3  # the same video, coded twice
+    assert E.evaluate_clip(theirs, blue, value_range="uint8")["detected"]["colour"] == "blue"

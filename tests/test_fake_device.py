@@ -262,8 +262,8 @@ def test_node_chain_with_a_comfyui_vae_and_streaming_decode(kind, model_files, m
             nodes["StreamChunkSampler"]().sample(i2v, 1, "model default", conditioning=cond)
             (decoded,) = nodes["CausalDecodeStream"]().decode(lat2, 2, vae=vae)
             assert decoded.shape == (21, 32, 32, 3) and decoded.device.type == "cpu"  # a new stream: 1 + 4 + 4 ...
-            images, _ = nodes["VideoToVideoStream"]().restyle(model, torch.zeros(17, 32, 32, 3), cond, 0.6, 0,
-                                                               "model default", vae=vae)
+            images, _ = nodes["VideoToVideoStream"]().restyle(model, cond, 0.6, 0, "model default",
+                                                               images=torch.zeros(17, 32, 32, 3), vae=vae)
             assert images.shape == (17, 32, 32, 3)
 
 

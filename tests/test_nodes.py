@@ -165,10 +165,10 @@ def test_video_to_video_generate_decode_and_save(pack):
     model = _model(pack)
     cond = _cond(pack, model)
     video = torch.rand(17, 32, 48, 3)
-    images, latent = m.NODE_CLASS_MAPPINGS["VideoToVideoStream"]().restyle(model, video, cond, 0.5, 0, "model default")
+    images, latent = m.NODE_CLASS_MAPPINGS["VideoToVideoStream"]().restyle(model, cond, 0.5, 0, "model default", images=video)
     assert images.shape == video.shape
     with pytest.raises(ValueError, match="4k\\+1"):
-        m.NODE_CLASS_MAPPINGS["VideoToVideoStream"]().restyle(model, video[:16], cond, 0.5, 0, "model default")
+        m.NODE_CLASS_MAPPINGS["VideoToVideoStream"]().restyle(model, cond, 0.5, 0, "model default", images=video[:16])
     images, latent = m.NODE_CLASS_MAPPINGS["CausalGenerate"]().generate(model, cond, 32, 32, 33, 0, "causvid-3step")
     assert images.shape == (33, 32, 32, 3)
     (decoded,) = m.NODE_CLASS_MAPPINGS["CausalDecodeStream"]().decode(latent, 2, model=model)
