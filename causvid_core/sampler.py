@@ -43,13 +43,14 @@ def seeded_noise(seed: int, *, device: torch.device | str = "cpu", dtype: torch.
 @torch.no_grad()
 def denoise_chunk(model, x: Tensor, context: Tensor, steps: Sequence[float], grid: FlowGrid, *,
                   cache: KVCache, start_frame: int, chunk_index: int, noise_fn: NoiseFn,
-                  fixed: Optional[Tensor] = None, callback: Optional[Callable[[int], None]] = None,
+                  fixed: Optional[Tensor] = None, callback: Optional[Callable[[int, Tensor], None]] = None,
                   **model_kw) -> Tensor:
     """Few-step denoising of one chunk x [B, C, f, H, W] (noise at steps[0]); returns its x0.
 
     fixed [B, C, k, H, W]: the chunk's first k frames are known clean latents (image-to-video with a
     chunk-multiple layout): they enter every pass at t = 0 and are kept in x0. The chunk's cache slots
-    hold the last pass; the caller runs the t = 0 refresh. callback(i) runs after step i (progress,
+    hold the last pass; the caller runs the t = 0 refresh. callback(i, x0) runs after step i (progress,
+    previews of x0,
     interruption: an exception there leaves the caller's state as it was before the chunk)."""
     B, f = x.shape[0], x.shape[2]
     k = 0 if fixed is None else fixed.shape[2]
@@ -62,7 +63,7 @@ def denoise_chunk(model, x: Tensor, context: Tensor, steps: Sequence[float], gri
         flow = model(x, tt, context, cache=cache, start_frame=start_frame, **model_kw)
         x0 = grid.flow_to_x0(flow, x, float(t))
         if callback is not None:
-            callback(i)
+            callback(i, x0)
         if k:
             x0 = torch.cat([fixed.to(x0), x0[:, :, k:]], dim=2)
         if i + 1 < len(steps):

@@ -443,9 +443,9 @@ class CausalStream:
 
     @torch.no_grad()
     def step(self, v2v_latents: Optional[Tensor] = None, strength: float = 1.0,
-             callback: Optional[Callable[[int], None]] = None) -> Chunk:
+             callback: Optional[Callable[[int, Tensor], None]] = None) -> Chunk:
         """Make the next chunk. v2v_latents [B, C, f, h, w]: restyle these latents at `strength` instead.
-        callback(i) runs after each denoising step (progress bars, interruption)."""
+        callback(i, x0) runs after each denoising step (progress bars, previews of x0, interruption)."""
         self._require_prompt()
         self._acquire()
         t0 = time.perf_counter()

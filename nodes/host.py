@@ -49,15 +49,28 @@ def check_interrupt() -> None:
 class Progress:
     """ComfyUI's progress bar counted in denoising steps, with a JPEG preview of each decoded chunk."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, wan_latents: bool = False):
         import comfy.utils
 
         self.bar = comfy.utils.ProgressBar(total)
         self.total, self.done = total, 0
+        # ComfyUI's previewer of Wan latents (--preview-method: latent2rgb, or TAEHV from models/vae_approx)
+        # for the denoising steps between decoded chunks; only for streams in the Wan VAE's latent space
+        self.previewer = wan_previewer() if wan_latents else None
 
     def step(self, preview=None) -> None:
         self.done += 1
         self.bar.update_absolute(self.done, self.total, preview)
+
+    def denoised(self, x0) -> None:
+        """A denoising step done: advance, with ComfyUI's latent preview of its x0 (Wan latents only)."""
+        preview = None
+        if self.previewer is not None:
+            try:
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
+            except Exception:  # a preview must never stop the run
+                self.previewer = None
+        self.step(preview)
 
     def set(self, done: int) -> None:
         self.done = done
@@ -71,6 +84,18 @@ class Progress:
         if hasattr(frame_uint8, "cpu"):  # a tensor, possibly on the GPU with --gpu-only
             frame_uint8 = frame_uint8.cpu()
         self.bar.update_absolute(self.done, self.total, ("JPEG", Image.fromarray(np.asarray(frame_uint8)), 512))
+
+
+def wan_previewer():
+    """ComfyUI's latent previewer for Wan 2.1 latents under its --preview-method, or None (no previews asked,
+    or a ComfyUI without Wan's latent format)."""
+    import importlib
+
+    try:
+        formats = importlib.import_module("comfy.latent_formats")
+        return importlib.import_module("latent_preview").get_previewer(torch_device(), formats.Wan21())
+    except Exception:
+        return None
 
 
 # -- devices and ComfyUI's model management --------------------------------------------------------------

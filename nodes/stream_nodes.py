@@ -158,7 +158,8 @@ class StreamChunkSampler:
                 raise ValueError(f"the stream is complete ({settings.max_frames} latent frames); "
                                  "start a new CausalKVState or raise its length")
             chunks = min(chunks, remaining)
-        progress = host.Progress(chunks * len(settings.steps))
+        progress = host.Progress(sum(len(settings.steps_for(stream.chunk_index + i)) for i in range(chunks)),
+                                 wan_latents=state.comfy_vae is not None)
         out = host.intermediate_device()
         latents, frames = [], []
         pending = state.pending_image
@@ -173,7 +174,7 @@ class StreamChunkSampler:
                     if first is not None:
                         latents.append(first.latents.to(out))
                         frames.append(frames_to_host(first.frames, out))
-                chunk = stream.step(callback=lambda _i: (host.check_interrupt(), progress.step()))
+                chunk = stream.step(callback=lambda _i, x0: (host.check_interrupt(), progress.denoised(x0)))
                 latents.append(chunk.latents.to(out))
                 frames.append(frames_to_host(chunk.frames, out))
                 progress.preview(frames[-1][-1])

@@ -64,7 +64,8 @@ class VideoToVideoStream:
         dev, out_dev = stream.vae_device, host.intermediate_device()  # the encoder runs where the VAE is
         F = latent_frames(T, tf)
         n_chunks = -(-F // stream.settings.chunk_frames)
-        progress = host.Progress(n_chunks * (sum(1 for t in stream.settings.steps if t < 1000 * strength) + 1))
+        progress = host.Progress(n_chunks * (sum(1 for t in stream.settings.steps if t < 1000 * strength) + 1),
+                                 wan_latents=state.comfy_vae is not None)
         lat, out, pix = [], [], 0
         while stream.frame < F:
             f = min(stream.settings.chunk_size(stream.chunk_index), F - stream.frame)
@@ -72,7 +73,7 @@ class VideoToVideoStream:
             # the input goes to the device a chunk at a time
             z = encoder.encode(images_to_video(images[pix:pix + n_pix]).to(dev))
             chunk = stream.step(v2v_latents=z, strength=strength,
-                                callback=lambda _i: (host.check_interrupt(), progress.step()))
+                                callback=lambda _i, x0: (host.check_interrupt(), progress.denoised(x0)))
             lat.append(chunk.latents.to(out_dev))
             out.append(frames_to_host(chunk.frames, out_dev))
             progress.preview(out[-1][-1])

@@ -203,14 +203,14 @@ class ComfyHost:
     @classmethod
     @contextlib.contextmanager
     def start(cls, workdir: Path, timeout: float = 120.0, python: Optional[str] = None,
-              tree: str = CURRENT_TREE) -> Iterator["ComfyHost"]:
+              tree: str = CURRENT_TREE, extra_args: tuple[str, ...] = ()) -> Iterator["ComfyHost"]:
         """Prepare a tree in workdir, start ComfyUI on a free loopback port, wait until it answers; stop it
         (SIGTERM, then SIGKILL) on leaving."""
         workdir = Path(workdir)
         root = cls.prepare(workdir, tree)
         link = root / "custom_nodes" / PACK_FOLDER
         try:
-            host = cls._launch(root, workdir, timeout, python or server_python(), tree)
+            host = cls._launch(root, workdir, timeout, python or server_python(), tree, extra_args)
             try:
                 yield host
             finally:
@@ -219,14 +219,16 @@ class ComfyHost:
             link.unlink(missing_ok=True)  # leave no link to the checkout behind in the temporary folder
 
     @classmethod
-    def _launch(cls, root: Path, workdir: Path, timeout: float, python: str, tree: str) -> "ComfyHost":
+    def _launch(cls, root: Path, workdir: Path, timeout: float, python: str, tree: str,
+                extra_args: tuple[str, ...] = ()) -> "ComfyHost":
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
         env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", NO_PROXY="127.0.0.1,localhost")
         for attempt in range(3):  # another process may take the free port before ComfyUI binds it
             port = free_port()
             log_path = workdir / ("comfyui.log" if attempt == 0 else f"comfyui.{attempt}.log")
             with open(log_path, "wb") as log:
-                proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", HOST, "--port", str(port)], cwd=root,
+                proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", HOST, "--port", str(port),
+                                         *extra_args], cwd=root,
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
             host = cls(root, port, proc, log_path, tree)

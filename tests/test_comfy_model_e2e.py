@@ -21,7 +21,7 @@ from causvid_core.checkpoints import save_dit
 from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
 from causvid_core.vae import random_vae, save_vae
 from causvid_core.vae_config import VAEConfig
-from comfy_host import comfy_server, errors_of  # noqa: F401 (fixture)
+from comfy_host import ComfyHost, comfy_server, errors_of  # noqa: F401 (fixture)
 from conftest import tiny_model
 
 PROMPT = "a red circle moving right on a black background"
@@ -41,9 +41,9 @@ def _export(folder, dit, text, vae):
     save_vae(vae, folder / "vae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def host(comfy_server):
-    models = comfy_server.root / "models"
+def _write_models(root):
+    """The tiny Wan files of this module's graphs into a ComfyUI tree's models/ folder."""
+    models = root / "models"
     torch.manual_seed(0)
     dit = _dit()
     text = WordTextEncoder(WordEncoderConfig(text_dim=4096, text_len=8)).eval()
@@ -75,9 +75,14 @@ def host(comfy_server):
             if not name.startswith("patch_embedding"):
                 p.copy_(p.to(torch.float8_e4m3fn).float())
     _export(base / "wan_tiny_fp8", rounded, text, vae)
+
+
+@pytest.fixture(scope="module")
+def host(comfy_server):
+    _write_models(comfy_server.root)
     yield comfy_server
     for name in ("wan_tiny", "wan_tiny_lora", "wan_tiny_fp8"):
-        shutil.rmtree(base / name, ignore_errors=True)
+        shutil.rmtree(comfy_server.root / "models" / "diffusion_models" / name, ignore_errors=True)
 
 
 def _graph(ours: str, unet: str, weight_dtype: str = "default", lora: bool = False) -> dict:
@@ -131,3 +136,20 @@ def test_comfyuis_model_gives_the_stream_of_the_same_weights(host, case):
                                                           "wan_tiny/wan_tiny.safetensors"))[1]["prompt_id"])
         base = _latents(host, plain, "6")
         assert float((b - base).norm() / base.norm()) > 100 * rel, f"{case} made no difference"
+
+
+def test_latent_previews_of_comfyuis_previewer_between_decoded_chunks(tmp_path):
+    """ComfyUI started with --preview-method latent2rgb: every denoising step of a stream in the Wan VAE's latent
+    space sends a preview (ComfyUI's Latent2RGB of that step's x0) to the client, besides each decoded chunk's."""
+    import uuid
+
+    with ComfyHost.start(tmp_path, extra_args=("--preview-method", "latent2rgb")) as preview_host:
+        _write_models(preview_host.root)
+        api = _graph("wan_tiny/wan_tiny.safetensors", "wan_tiny/wan_tiny.safetensors")
+        client = uuid.uuid4().hex
+        with preview_host.listen(client) as ws:
+            entry = preview_host.wait_history(preview_host.queue(api, client), timeout=600)
+            assert entry["status"]["status_str"] == "success", errors_of(entry)
+            previews = [m for m in ws.messages if isinstance(m, tuple) and m[1] in (1, 4)]  # PREVIEW_IMAGE (+meta)
+    steps, chunks, samplers = 4, 2, 2
+    assert len(previews) >= samplers * chunks * (steps + 1), len(previews)  # each step's x0 and each chunk

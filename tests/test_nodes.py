@@ -401,3 +401,37 @@ def test_causal_model_from_comfy_refuses_what_is_not_a_wan_t2v_model(pack):
                      (model_of(wan), "i2v model")):
         with pytest.raises(ValueError, match=why):
             node.convert(bad, "self-forcing", 0, 0, 0)
+
+
+def test_denoising_steps_show_comfyuis_latent_previews_for_wan_latents(pack, monkeypatch):
+    """With ComfyUI's Wan VAE (so the stream's latents are Wan's), each denoising step sends a preview made
+    by ComfyUI's previewer (--preview-method: latent2rgb or TAEHV) from that step's x0; the built-in model's
+    own latents get none (the factors are Wan's), only the decoded chunks'."""
+    import types as _types
+
+    import comfy.model_patcher
+
+    m, host = pack
+    seen = []
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            seen.append(tuple(x0.shape))
+            return ("JPEG", "image", 512)
+
+    monkeypatch.setitem(sys.modules, "latent_preview",
+                        _types.SimpleNamespace(get_previewer=lambda device, fmt: Previewer()))
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", _types.SimpleNamespace(Wan21=lambda: "wan21"))
+    model = _model(pack)
+    fsm = random_vae("wan-tiny", seed=1)
+    vae = _types.SimpleNamespace(first_stage_model=fsm, device=torch.device("cpu"),
+                                 patcher=comfy.model_patcher.ModelPatcher(fsm, torch.device("cpu"), torch.device("cpu")))
+    state = m.NODE_CLASS_MAPPINGS["CausalKVState"]().create(model, 32, 32, 33, 0, vae)[0]
+    before = len(host.updates)
+    _sample(pack, state, 2, conditioning=_cond(pack, model))
+    steps = len(model.settings["steps"]) if "steps" in model.settings else 4
+    assert seen == [(1, 16, 3, 4, 4)] * (2 * steps)
+    assert sum(1 for u in host.updates[before:] if u[2] == ("JPEG", "image", 512)) == 2 * steps
+    seen.clear()
+    _sample(pack, _state(pack, model), 1, conditioning=_cond(pack, model))  # the model's own VAE: no latent previews
+    assert seen == []
