@@ -346,17 +346,25 @@ def check_keys(model: torch.nn.Module, sd: dict[str, Tensor], where: str) -> Non
 def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
              lora_alpha: Optional[float] = None, config: Optional[DiTConfig] = None,
              dtype: Optional[torch.dtype] = None, device: torch.device | str = "cpu",
-             attention: str | Callable = "sdpa", **config_overrides: Any):
-    """Load a Wan DiT from any supported layout. Returns a WanDiT in eval mode."""
+             attention: str | Callable = "sdpa", keep_fp8: Optional[bool] = None, **config_overrides: Any):
+    """Load a Wan DiT from any supported layout. Returns a WanDiT in eval mode.
+
+    fp8 files (fp8 and ComfyUI's fp8_scaled): keep_fp8 True keeps the linear layers' weights in fp8 and casts
+    them to the compute dtype (`dtype`, default bfloat16) as each layer runs; False dequantises everything to
+    `dtype` (default float32). None: keep them on a GPU, dequantise on the CPU."""
+    from . import fp8 as fp8_mod
     from .model import WanDiT
 
-    raw = read_checkpoint(path, dtype=dtype)
+    fp8_file = fp8_mod.file_has_fp8(path)
+    raw = read_checkpoint(path, dtype=None if fp8_file else dtype)
     if raw.metadata.get(META_KIND) not in (None, "dit"):
         raise CheckpointError(f"{path}: this file holds a {raw.metadata[META_KIND]!r}, not a DiT")
     sd = normalize_dit_keys(raw.tensors)
     if is_lora(sd):
         raise CheckpointError(f"{path}: this is a LoRA adapter, not a full model; load the base model "
                               "and pass this file as the LoRA")
+    if lora is not None and fp8_mod.has_fp8(sd):  # a LoRA is merged into full-precision weights
+        fp8_mod.dequantize(sd, dtype if dtype is not None else torch.float32, str(path))
     if lora is not None:
         lora_raw = read_checkpoint(lora)
         if not is_lora(lora_raw.tensors):
@@ -375,6 +383,15 @@ def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
         cfg = known
     with torch.device("meta"):
         model = WanDiT(cfg, attention=attention)
+    if fp8_mod.has_fp8(sd):
+        if keep_fp8 is None:
+            keep_fp8 = torch.device(device).type != "cpu"
+        if keep_fp8:
+            compute = dtype if dtype is not None and dtype not in fp8_mod.FP8_DTYPES else torch.bfloat16
+            fp8_mod.keep_fp8(model, sd, compute, str(path))
+            model.compute_dtype_override = compute
+        else:
+            fp8_mod.dequantize(sd, dtype if dtype is not None else torch.float32, str(path))
     check_keys(model, sd, str(path))
     model.load_state_dict(sd, strict=True, assign=True)
     model.checkpoint_layout = raw.layout

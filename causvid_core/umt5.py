@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoints import CheckpointError, check_keys, read_checkpoint
+from .fp8 import FP8_DTYPES, dequantize
 
 __all__ = ["UMT5Config", "UMT5_PRESETS", "UMT5Encoder", "T5TextEncoder", "UMT5Tokenizer",
            "relative_position_bucket", "to_wan_keys", "infer_umt5_config", "load_umt5",
@@ -313,45 +314,7 @@ def infer_umt5_config(sd: dict[str, Tensor], hf_config: Optional[dict[str, Any]]
         raise CheckpointError(f"{where}: bad umT5 config {fields}: {exc}") from exc
 
 
-# -- fp8 files -------------------------------------------------------------------------------------
-
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-             if hasattr(torch, n))
-
-
-def _dequantize(sd: dict[str, Tensor], dtype: torch.dtype, where: str) -> None:
-    """ComfyUI's scaled fp8 (`scaled_fp8` marker, `*.scale_weight`): weight = fp8 * scale, cast to dtype, in place.
-
-    Per-tensor and per-row scales are supported; other quantisation schemes raise a CheckpointError.
-    Dequantising tensor by tensor keeps the peak near the size of the dequantised model.
-    """
-    if any(k.endswith(".comfy_quant") for k in sd):
-        raise CheckpointError(f"{where}: ComfyUI mixed-precision quantisation (`comfy_quant`) is not supported "
-                              "here; use umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled.safetensors or "
-                              f"Wan's {WAN_T5_FILE}")
-    sd.pop("scaled_fp8", None)
-    for key in [k for k in sd if k.endswith((".scale_weight", ".weight_scale"))]:
-        scale = sd.pop(key).float()
-        wkey = key.rsplit(".", 1)[0] + ".weight"
-        w = sd.get(wkey)
-        if w is None:
-            raise CheckpointError(f"{where}: {key} scales a weight {wkey} that is not in the file")
-        if scale.numel() == 1:
-            scale = scale.reshape(())
-        elif scale.numel() == w.shape[0]:
-            scale = scale.reshape(-1, *([1] * (w.dim() - 1)))  # one scale per output row
-        else:
-            raise CheckpointError(f"{where}: {key} has shape {tuple(scale.shape)}; only per-tensor or per-row "
-                                  f"scales of fp8 weights are supported (weight {tuple(w.shape)})")
-        sd[wkey] = (w.float() * scale).to(dtype)
-    for key in [k for k in sd if k.endswith((".scale_input", ".input_scale"))]:
-        del sd[key]  # activation scales for fp8 matmuls; we compute in bf16/fp32
-    for k, v in sd.items():
-        if not v.is_floating_point():
-            raise CheckpointError(f"{where}: {k} is {v.dtype}, a quantised format that is not supported; use "
-                                  f"umt5_xxl_fp16.safetensors or Wan's {WAN_T5_FILE}")
-        sd[k] = v.to(dtype)  # unscaled fp8: the cast is the whole dequantisation
-
+# -- fp8 files: causvid_core/fp8.py (the same scaled-fp8 layout as ComfyUI's DiT files) ------------------
 
 # -- loading -----------------------------------------------------------------------------------------
 
@@ -377,10 +340,10 @@ def _read_umt5(path: str | os.PathLike, dtype: Optional[torch.dtype], config: Op
     floats = [t for t in tensors.values() if t.is_floating_point()]
     if not floats:
         raise CheckpointError(f"{where}: no floating-point weights in this file; not a umT5 encoder")
-    had_fp8 = any(t.dtype in _FP8 for t in floats)
+    had_fp8 = any(t.dtype in FP8_DTYPES for t in floats)
     if dtype is None:  # one dtype for the whole model: the weights' (the largest tensor's), bf16 for fp8 files
         dtype = torch.bfloat16 if had_fp8 else max(floats, key=lambda t: t.numel()).dtype
-    _dequantize(tensors, dtype, where)
+    dequantize(tensors, dtype, where)
     sd, layout = to_wan_keys(tensors, where)
     hf_config = json.loads(raw.metadata["folder.config"]) if "folder.config" in raw.metadata else None
     cfg = config.replace(**overrides) if config is not None else infer_umt5_config(sd, hf_config, where, **overrides)

@@ -59,7 +59,9 @@ class LoadCausalModel:
             if all((folder / BUILTIN_FILES[p]).exists() for p in ("vae", "text_encoder")):
                 comps = load_components(path, device=where, dtype=dt)  # an exported checkpoint and its parts
             else:  # a Wan / CausVid / Self-Forcing file: ComfyUI's VAE and text encoder come in by sockets
-                comps = Components(load_dit(path, dtype=dt, device=where), None, None, stream_defaults_of(path), path)
+                # fp8 files stay fp8 (cast per layer) when the model will run on a GPU
+                dit = load_dit(path, dtype=dt, device=where, keep_fp8=torch.device(device).type != "cpu")
+                comps = Components(dit, None, None, stream_defaults_of(path), path)
         settings = dict(comps.stream_defaults)
         if preset != FROM_FILE:
             settings.update(stream_preset(preset))

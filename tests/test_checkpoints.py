@@ -24,6 +24,7 @@ from causvid_core.checkpoints import (CheckpointError, atomic_save_safetensors, 
                                       load_dit, merge_lora, normalize_dit_keys, read_checkpoint, save_dit)
 from causvid_core.config import DIT_PRESETS, DiTConfig
 from causvid_core.model import WanDiT
+from conftest import tiny_model
 
 TINY = DIT_PRESETS["wan-tiny"]
 TINY_I2V = DIT_PRESETS["wan-tiny-i2v"]
@@ -844,3 +845,58 @@ def test_saved_files_are_byte_identical_whatever_the_metadata_order(tmp_path):
     assert list(json.loads(one[8:8 + n])["__metadata__"]) == sorted(keys)
     raw = read_checkpoint(tmp_path / "one.safetensors")
     assert raw.metadata == meta and torch.equal(raw.tensors["b"], tensors["b"])
+
+
+def _wanlike(seed):
+    """A random DiT whose config a file without metadata gives back (heads = dim / 128, text_len 512)."""
+    return tiny_model(seed=seed, dim=256, num_heads=2, ffn_dim=64, num_layers=1, text_dim=32, text_len=512)
+
+
+def _fp8_files(tmp_path):
+    """A tiny DiT saved as an fp8 file (every weight e4m3fn) and as ComfyUI's fp8_scaled (linear weights scaled
+    per row, `scaled_fp8` marker, an input scale), with what each holds in full precision."""
+    from safetensors.torch import save_file
+
+    model = _wanlike(3)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}
+    save_file(fp8, str(tmp_path / "dit_fp8_e4m3fn.safetensors"))
+    scaled, truth = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 2:
+            scale = v.abs().amax(dim=1).clamp_min(1e-8) / 448.0
+            q = (v / scale[:, None]).to(torch.float8_e4m3fn)
+            scaled[k], scaled[k[:-7] + ".scale_weight"] = q, scale
+            scaled[k[:-7] + ".scale_input"] = torch.ones(())
+            truth[k] = q.float() * scale[:, None]
+        else:
+            scaled[k], truth[k] = v.to(torch.bfloat16), v.to(torch.bfloat16).float()
+    save_file(scaled, str(tmp_path / "dit_fp8_scaled.safetensors"))
+    return model, {k: v.float() for k, v in fp8.items()}, truth
+
+
+def test_fp8_and_fp8_scaled_files_load_kept_in_fp8_or_dequantised(tmp_path):
+    """fp8 weights stay fp8 in memory (half of bf16) and are cast per layer, or are dequantised; either way the
+    model computes with the file's numbers (for fp8_scaled: fp8 times the per-row scale)."""
+    from causvid_core.fp8 import CastLinear
+
+    model, fp8_values, scaled_values = _fp8_files(tmp_path)
+    cfg = model.config
+    x, t, ctx = torch.randn(1, 16, 3, 4, 4), torch.tensor([500.0]), torch.randn(1, 5, cfg.text_dim)
+    for name, values in (("dit_fp8_e4m3fn", fp8_values), ("dit_fp8_scaled", scaled_values)):
+        path = tmp_path / f"{name}.safetensors"
+        ref = _wanlike(3)
+        ref.load_state_dict(values)
+        want = ref(x, t, ctx)
+        full = load_dit(path, keep_fp8=False)  # dequantised, float32
+        assert all(p.dtype == torch.float32 for p in full.parameters())
+        torch.testing.assert_close(full(x, t, ctx), want, atol=1e-4, rtol=1e-4)
+        kept = load_dit(path, keep_fp8=True, dtype=torch.float32)  # fp8 storage, cast per layer
+        q = kept.blocks[0].self_attn.q
+        assert isinstance(q, CastLinear) and q.weight.dtype == torch.float8_e4m3fn and kept.compute_dtype == torch.float32
+        torch.testing.assert_close(kept(x, t, ctx), want, atol=1e-4, rtol=1e-4)
+    kept = load_dit(tmp_path / "dit_fp8_scaled.safetensors", keep_fp8=True)  # bf16 compute by default
+    weights = sum(p.numel() * p.element_size() for p in kept.parameters())
+    bf16 = sum(p.numel() * 2 for p in kept.parameters())
+    assert weights < 0.75 * bf16 and kept.compute_dtype == torch.bfloat16
+    assert torch.isfinite(kept(x, t, ctx)).all()
