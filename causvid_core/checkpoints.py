@@ -277,23 +277,39 @@ def config_from_metadata(meta: dict[str, str], sd: Optional[dict[str, Tensor]] =
 
 # -- LoRA --------------------------------------------------------------------------------------
 
+_LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_]+)?\.weight$")
+_LORA_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
+
+
 def is_lora(tensors: dict[str, Tensor]) -> bool:
-    return any(".lora_A." in k or k.endswith(".lora_A.weight") for k in tensors)
+    return any(_LORA_KEY.match(k) for k in tensors)
 
 
-def merge_lora(sd: dict[str, Tensor], lora: dict[str, Tensor], alpha: Optional[float] = None) -> int:
-    """W += (alpha / rank) * B @ A for every PEFT pair (LongLive: rank 256, alpha 256); returns the count.
+def merge_lora(sd: dict[str, Tensor], lora: dict[str, Tensor], alpha: Optional[float] = None,
+               strength: float = 1.0) -> int:
+    """W += strength * (alpha / rank) * B @ A for every LoRA pair (LongLive: rank 256, alpha 256); returns the count.
 
-    Keys like `base_model.model.blocks.0.self_attn.q.lora_A.weight` (PEFT), optionally with an adapter
-    name (`lora_A.default.weight`). alpha defaults to the rank (scale 1) unless the file has `.alpha`.
+    Layouts: PEFT (`base_model.model.blocks.0.self_attn.q.lora_A.weight`, optionally with an adapter name,
+    `lora_A.default.weight`) and ComfyUI's (`diffusion_model.blocks.0.self_attn.q.lora_down.weight` / `lora_up`,
+    or kohya's `lora_unet_blocks_0_self_attn_q.lora_down.weight`, with `.alpha`). alpha defaults to the rank
+    (scale 1) unless the file has `.alpha`.
     """
+    underscored = {name[: -len(".weight")].replace(".", "_"): name[: -len(".weight")]
+                   for name in sd if name.endswith(".weight")}
     pairs: dict[str, dict[str, Tensor]] = {}
     for k, v in lora.items():
-        k = re.sub(r"^(base_model\.model\.)", "", k).replace("_fsdp_wrapped_module.", "")
-        k = re.sub(r"^model\.", "", k)
-        m = re.match(r"(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$", k)
+        k = k.replace("_fsdp_wrapped_module.", "")
+        for prefix in _LORA_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        if k.startswith("lora_unet_"):  # kohya: the module path with underscores
+            head, _, tail = k[len("lora_unet_"):].partition(".")
+            k = f"{underscored.get(head, head)}.{tail}"
+        m = _LORA_KEY.match(k)
         if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = v
+            part = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(m.group(2), m.group(2))
+            pairs.setdefault(m.group(1), {})[part] = v
         elif k.endswith(".alpha"):
             pairs.setdefault(k[: -len(".alpha")], {})["alpha"] = v
     for module, p in pairs.items():
@@ -309,7 +325,7 @@ def merge_lora(sd: dict[str, Tensor], lora: dict[str, Tensor], alpha: Optional[f
         if (B.shape[0], A.shape[1]) != tuple(W.shape):
             raise CheckpointError(f"LoRA for {module} has shape {B.shape[0]}x{A.shape[1]}, "
                                   f"the weight is {tuple(W.shape)}")
-        sd[target] = (W.float() + (a / rank) * (B @ A)).to(W.dtype)
+        sd[target] = (W.float() + strength * (a / rank) * (B @ A)).to(W.dtype)
     if not pairs:
         raise CheckpointError("no LoRA weights (lora_A / lora_B) found in the LoRA file")
     return len(pairs)
@@ -346,7 +362,8 @@ def check_keys(model: torch.nn.Module, sd: dict[str, Tensor], where: str) -> Non
 def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
              lora_alpha: Optional[float] = None, config: Optional[DiTConfig] = None,
              dtype: Optional[torch.dtype] = None, device: torch.device | str = "cpu",
-             attention: str | Callable = "sdpa", keep_fp8: Optional[bool] = None, **config_overrides: Any):
+             attention: str | Callable = "sdpa", keep_fp8: Optional[bool] = None, lora_strength: float = 1.0,
+             **config_overrides: Any):
     """Load a Wan DiT from any supported layout. Returns a WanDiT in eval mode.
 
     fp8 files (fp8 and ComfyUI's fp8_scaled): keep_fp8 True keeps the linear layers' weights in fp8 and casts
@@ -368,9 +385,9 @@ def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
     if lora is not None:
         lora_raw = read_checkpoint(lora)
         if not is_lora(lora_raw.tensors):
-            raise CheckpointError(f"{lora}: not a LoRA file (no lora_A / lora_B weights)")
+            raise CheckpointError(f"{lora}: not a LoRA file (no lora_A / lora_B or lora_down / lora_up weights)")
         alpha = lora_alpha if lora_alpha is not None else _lora_alpha_from_folder(Path(lora))
-        merge_lora(sd, lora_raw.tensors, alpha)
+        merge_lora(sd, lora_raw.tensors, alpha, strength=lora_strength)
     known = config if config is not None else config_from_metadata(raw.metadata, sd, **config_overrides)
     if known is None:
         cfg = infer_dit_config(sd, **config_overrides)

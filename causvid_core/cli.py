@@ -318,6 +318,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", help="a prompt schedule file: lines 'FRAME: prompt'")
     p.add_argument("--switch-mode", choices=("cut", "recache", "blend"), help="how prompts change (default cut)")
     p.add_argument("--model", help="DiT checkpoint (default: the built-in model)")
+    p.add_argument("--lora", help="a LoRA for the DiT (LongLive's lora.pt, a ComfyUI LoRA), applied as it loads")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's weight (default 1)")
     from .stream_presets import STREAM_PRESETS
 
     p.add_argument("--stream-preset", choices=list(STREAM_PRESETS),
@@ -360,7 +362,8 @@ def _components(args: argparse.Namespace):
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if dtype is None and device.type != "cpu":
         dtype = torch.bfloat16
-    return load_components(args.model, args.vae, args.text_encoder, device=device, dtype=dtype, text_device="cpu")
+    return load_components(args.model, args.vae, args.text_encoder, device=device, dtype=dtype, text_device="cpu",
+                           lora=args.lora, lora_strength=args.lora_strength)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,17 +85,19 @@ def load_text(path: Path, device: torch.device | str = "cpu", text_len: int = 51
 def load_components(model: Optional[str | os.PathLike] = None, vae: Optional[str | os.PathLike] = None,
                     text_encoder: Optional[str | os.PathLike] = None, *, device: torch.device | str = "cpu",
                     dtype: Optional[torch.dtype] = None,
-                    text_device: Optional[torch.device | str] = None) -> Components:
+                    text_device: Optional[torch.device | str] = None,
+                    lora: Optional[str | os.PathLike] = None, lora_strength: float = 1.0) -> Components:
     """dtype None: float32 on CPU (the built-in weights are stored in float16 to stay small; half
     precision on a CPU is slow and loses accuracy), the stored dtype elsewhere. It applies to the DiT
     and the VAE. text_device: where the text encoder runs (default: `device`); its output is moved to
-    the model's device by the stream."""
+    the model's device by the stream. lora: a LoRA file applied to the DiT as it loads (merged, at
+    lora_strength)."""
     from .vae import load_vae
 
     if dtype is None and torch.device(device).type == "cpu":
         dtype = torch.float32
     model_path = _resolve(model, "model")
-    dit = load_dit(model_path, dtype=dtype, device=device)
+    dit = load_dit(model_path, dtype=dtype, device=device, lora=lora, lora_strength=lora_strength)
     beside = model_path if model is not None else None
     vae_model = load_vae(_resolve(vae, "vae", beside), dtype=dtype, device=device)
     text = load_text(_resolve(text_encoder, "text_encoder", beside), device=text_device or device,

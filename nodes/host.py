@@ -34,6 +34,24 @@ def model_path(name: str) -> str:
     raise FileNotFoundError(f"{name} is not in models/diffusion_models (or models/unet): put the file there")
 
 
+def lora_files() -> list[str]:
+    import folder_paths
+
+    try:
+        return sorted(folder_paths.get_filename_list("loras"))
+    except Exception:
+        return []
+
+
+def lora_path(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if not path:
+        raise FileNotFoundError(f"{name} is not in models/loras: put the LoRA file there")
+    return path
+
+
 def output_directory() -> str:
     import folder_paths
 

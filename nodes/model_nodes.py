@@ -12,6 +12,7 @@ from . import host
 from .types import CausalModel, require, to_conditioning
 
 FROM_FILE = "from the file"
+NO_LORA = "none"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CATEGORY = "causvid/stream"
 
@@ -38,13 +39,18 @@ class LoadCausalModel:
             "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "first frames never evicted from the window (LongLive: 3)"}),
         }, "optional": {
+            "lora_name": ([NO_LORA] + host.lora_files(), {
+                "default": NO_LORA, "tooltip": "a LoRA from models/loras (LongLive's, a CausVid LoRA), merged as the "
+                                               "model loads; for ComfyUI's own MODEL use LoraLoaderModelOnly"}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
             "preset": ([FROM_FILE] + list(STREAM_PRESETS), {
                 "default": FROM_FILE,
                 "tooltip": "the model's stream settings (chunk size, steps, window, Krea's recomputation); "
                            "from the file: its metadata or its name (e.g. causal_forcing_framewise.pt)"}),
         }}
 
-    def load(self, model_name, dtype, frames_per_chunk, window_frames, sink_frames, preset=FROM_FILE):
+    def load(self, model_name, dtype, frames_per_chunk, window_frames, sink_frames, preset=FROM_FILE,
+             lora_name=None, lora_strength=1.0):
         # weights go to ComfyUI's offload device; the samplers ask ComfyUI to load them when they run
         device, where = host.torch_device(), host.offload_device()
         dt = DTYPES[dtype] or host.model_dtype(device)
@@ -52,15 +58,19 @@ class LoadCausalModel:
             if not builtin_available():
                 raise FileNotFoundError("the built-in model files are missing from causvid_core/builtin/ "
                                         f"({', '.join(BUILTIN_FILES.values())}); reinstall the pack")
+            if lora_name not in (None, NO_LORA):
+                raise ValueError("the built-in model takes no LoRA: set lora_name to none")
             comps = load_components(device=where, dtype=dt)
         else:
+            lora = host.lora_path(lora_name) if lora_name not in (None, NO_LORA) else None
             path = host.model_path(model_name)
             folder = Path(path).parent
             if all((folder / BUILTIN_FILES[p]).exists() for p in ("vae", "text_encoder")):
-                comps = load_components(path, device=where, dtype=dt)  # an exported checkpoint and its parts
+                comps = load_components(path, device=where, dtype=dt, lora=lora, lora_strength=lora_strength)
             else:  # a Wan / CausVid / Self-Forcing file: ComfyUI's VAE and text encoder come in by sockets
                 # fp8 files stay fp8 (cast per layer) when the model will run on a GPU
-                dit = load_dit(path, dtype=dt, device=where, keep_fp8=torch.device(device).type != "cpu")
+                dit = load_dit(path, dtype=dt, device=where, keep_fp8=torch.device(device).type != "cpu", lora=lora,
+                               lora_strength=lora_strength)
                 comps = Components(dit, None, None, stream_defaults_of(path), path)
         settings = dict(comps.stream_defaults)
         if preset != FROM_FILE:

@@ -28,7 +28,7 @@ def model(node_id="1", **kw):
     return {node_id: {"class_type": "LoadCausalModel", "inputs": {
             "model_name": kw.get("name", BUILTIN), "dtype": "auto",
             "frames_per_chunk": 0, "window_frames": kw.get("window", 0), "sink_frames": kw.get("sinks", 0),
-            "preset": kw.get("preset", "from the file")}}}
+            "lora_name": "none", "lora_strength": 1.0, "preset": kw.get("preset", "from the file")}}}
 
 
 def text(node_id, prompt, model_ref="1"):

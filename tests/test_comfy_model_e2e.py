@@ -6,7 +6,7 @@ it (an exported checkpoint LoadCausalModel reads) and a tiny Wan VAE for ComfyUI
 makes the same stream twice, once through LoadCausalModel and once through UNETLoader -> (LoraLoaderModelOnly)
 -> CausalModelFromComfy, and saves both LATENTs with ComfyUI's SaveLatent; they must agree:
 - float32 weights: the same numbers (ComfyUI's layers run our causal forward);
-- a LoRA applied by ComfyUI = the LoRA merged into the file by this test;
+- a LoRA applied by ComfyUI, and by LoadCausalModel's lora_name, = the LoRA merged into the file by this test;
 - UNETLoader's fp8_e4m3fn storage = the weights rounded through fp8 in the file, cast per layer by ComfyUI.
 """
 from __future__ import annotations
@@ -86,10 +86,15 @@ def host(comfy_server):
 
 
 def _graph(ours: str, unet: str, weight_dtype: str = "default", lora: bool = False) -> dict:
-    """Node 1..6: the stream through LoadCausalModel(ours); 10..15: through UNETLoader(unet) and the adapter."""
+    """Node 1..6: the stream through LoadCausalModel(ours); 20..22: through UNETLoader(unet) and the adapter;
+    with lora, also 30..32: LoadCausalModel(unet) with the LoRA file applied as it loads."""
     g = {
         "1": {"class_type": "LoadCausalModel", "inputs": {"model_name": ours, "dtype": "float32", "frames_per_chunk": 0,
                                                           "window_frames": 0, "sink_frames": 0, "preset": "self-forcing"}},
+        "9": {"class_type": "LoadCausalModel", "inputs": {"model_name": unet, "dtype": "float32", "frames_per_chunk": 0,
+                                                          "window_frames": 0, "sink_frames": 0, "preset": "self-forcing",
+                                                          "lora_name": "tiny_wan_lora.safetensors",
+                                                          "lora_strength": 1.0}},
         "2": {"class_type": "CausalTextEncode", "inputs": {"model": ["1", 0], "text": PROMPT}},
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_wan_vae.safetensors"}},
         "10": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": weight_dtype}},
@@ -101,8 +106,10 @@ def _graph(ours: str, unet: str, weight_dtype: str = "default", lora: bool = Fal
         g["12"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["10", 0],
                                                                    "lora_name": "tiny_wan_lora.safetensors",
                                                                    "strength_model": 1.0}}
-    for prefix, model in (("a", "1"), ("b", "11")):
-        n = {"a": 4, "b": 20}[prefix]
+    if not lora:
+        del g["9"]
+    for prefix, model in (("a", "1"), ("b", "11")) + ((("c", "9"),) if lora else ()):
+        n = {"a": 4, "b": 20, "c": 30}[prefix]
         g[str(n)] = {"class_type": "CausalKVState", "inputs": {"model": [model, 0], "width": 32, "height": 32,
                                                                "length": 21, "seed": 3, "vae": ["3", 0]}}
         g[str(n + 1)] = {"class_type": "StreamChunkSampler", "inputs": {"state": [str(n), 0], "chunks": 2,
@@ -131,6 +138,9 @@ def test_comfyuis_model_gives_the_stream_of_the_same_weights(host, case):
     assert a.shape == b.shape == (1, 16, 6, 4, 4)
     rel = float((a - b).norm() / a.norm())
     assert rel < 1e-4, f"{case}: the stream through ComfyUI's MODEL differs from ours by {rel:.2e} relative"
+    if case == "lora":  # LoadCausalModel's own lora_name input (ComfyUI's LoRA layout) gives the merged weights too
+        c = _latents(host, entry, "32")
+        assert float((a - c).norm() / a.norm()) < 1e-4
     if case != "float32":  # and the change (LoRA, fp8 rounding) is not lost: far from the plain weights
         plain = host.wait_history(host.post_prompt(_graph("wan_tiny/wan_tiny.safetensors",
                                                           "wan_tiny/wan_tiny.safetensors"))[1]["prompt_id"])
