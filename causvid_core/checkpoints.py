@@ -152,7 +152,10 @@ def _pick_from_training_dict(obj: dict, path: Path) -> tuple[str, dict[str, Tens
 
 
 def _read_folder(p: Path, dtype: Optional[torch.dtype]) -> RawCheckpoint:
-    """A Wan2.1 / diffusers-style folder: config.json + single or sharded safetensors."""
+    """A Wan2.1 / diffusers-style folder: config.json + single or sharded safetensors; a diffusers pipeline
+    folder (model_index.json) is read from its transformer/ folder."""
+    if (p / "model_index.json").exists() and (p / "transformer").is_dir():
+        p = p / "transformer"
     index = sorted(p.glob("*.safetensors.index.json"))
     if index:
         weight_map = json.loads(index[0].read_text())["weight_map"]
@@ -187,6 +190,61 @@ def _read_folder(p: Path, dtype: Optional[torch.dtype]) -> RawCheckpoint:
 
 
 # -- key normalisation -------------------------------------------------------------------------
+
+# diffusers' WanTransformer3DModel names -> Wan2.1's (the block's cross-attention norm is diffusers' norm2,
+# Wan's norm3; diffusers' norm1 / norm3 carry no weights)
+_DIFFUSERS_RENAMES = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    ("proj_out.", "head.head."),
+    (".attn1.to_q.", ".self_attn.q."), (".attn1.to_k.", ".self_attn.k."), (".attn1.to_v.", ".self_attn.v."),
+    (".attn1.to_out.0.", ".self_attn.o."), (".attn1.norm_q.", ".self_attn.norm_q."),
+    (".attn1.norm_k.", ".self_attn.norm_k."),
+    (".attn2.to_q.", ".cross_attn.q."), (".attn2.to_k.", ".cross_attn.k."), (".attn2.to_v.", ".cross_attn.v."),
+    (".attn2.to_out.0.", ".cross_attn.o."), (".attn2.norm_q.", ".cross_attn.norm_q."),
+    (".attn2.norm_k.", ".cross_attn.norm_k."), (".attn2.add_k_proj.", ".cross_attn.k_img."),
+    (".attn2.add_v_proj.", ".cross_attn.v_img."), (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
+    (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."), (".norm2.", ".norm3."),
+)
+
+
+def is_diffusers_dit(tensors: dict[str, Tensor]) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k for k in tensors)
+
+
+def from_diffusers_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers WanTransformer3DModel state dict under Wan2.1's key names."""
+    out = {}
+    for k, v in tensors.items():
+        if k == "scale_shift_table":
+            k = "head.modulation"
+        elif k.endswith(".scale_shift_table"):
+            k = k[: -len("scale_shift_table")] + "modulation"
+        else:
+            for old, new in _DIFFUSERS_RENAMES:
+                k = k.replace(old, new) if old.startswith(".") else (new + k[len(old):] if k.startswith(old) else k)
+        out[k] = v
+    return out
+
+
+def diffusers_config(d: dict) -> dict:
+    """DiTConfig fields from a diffusers WanTransformer3DModel config.json."""
+    heads, head_dim = int(d["num_attention_heads"]), int(d["attention_head_dim"])
+    out = {"dim": heads * head_dim, "num_heads": heads, "in_dim": d.get("in_channels", 16),
+           "out_dim": d.get("out_channels", 16), "model_type": "i2v" if d.get("image_dim") else "t2v",
+           "qk_norm": bool(d.get("qk_norm", True))}
+    for name in ("ffn_dim", "freq_dim", "text_dim", "num_layers", "eps", "cross_attn_norm", "patch_size"):
+        if name in d:
+            out[name] = tuple(d[name]) if name == "patch_size" else d[name]
+    return out
+
 
 def normalize_dit_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Strip ComfyUI / training-wrapper prefixes so keys are Wan's own; drop non-DiT parts of bundles."""
@@ -263,6 +321,8 @@ def config_from_metadata(meta: dict[str, str], sd: Optional[dict[str, Tensor]] =
             d = json.loads(meta["folder.config"])
             if not isinstance(d, dict):
                 raise CheckpointError(f"config.json holds a {type(d).__name__}, not an object")
+            if d.get("_class_name") == "WanTransformer3DModel":
+                d = diffusers_config(d)
             if sd is not None:
                 names = {f.name for f in dataclasses.fields(DiTConfig)}
                 return infer_dit_config(sd, **{**{k: v for k, v in d.items() if k in names}, **overrides})
@@ -377,6 +437,8 @@ def load_dit(path: str | os.PathLike, *, lora: str | os.PathLike | None = None,
     if raw.metadata.get(META_KIND) not in (None, "dit"):
         raise CheckpointError(f"{path}: this file holds a {raw.metadata[META_KIND]!r}, not a DiT")
     sd = normalize_dit_keys(raw.tensors)
+    if is_diffusers_dit(sd):
+        sd = from_diffusers_keys(sd)
     if is_lora(sd):
         raise CheckpointError(f"{path}: this is a LoRA adapter, not a full model; load the base model "
                               "and pass this file as the LoRA")

@@ -900,3 +900,49 @@ def test_fp8_and_fp8_scaled_files_load_kept_in_fp8_or_dequantised(tmp_path):
     bf16 = sum(p.numel() * 2 for p in kept.parameters())
     assert weights < 0.75 * bf16 and kept.compute_dtype == torch.bfloat16
     assert torch.isfinite(kept(x, t, ctx)).all()
+
+
+# Wan2.1 -> diffusers names, as diffusers' conversion script renames them (norm2 and norm3 swap places)
+TO_DIFFUSERS = (("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+                ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+                ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+                ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+                ("time_projection.1.", "condition_embedder.time_proj."), ("head.head.", "proj_out."))
+BLOCK_TO_DIFFUSERS = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+                      "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q",
+                      "self_attn.norm_k": "attn1.norm_k", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
+                      "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
+                      "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+                      "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "norm3": "norm2", "modulation": "scale_shift_table"}
+
+
+def test_a_diffusers_pipeline_folder_loads(tmp_path):
+    """diffusers' layout (WanTransformer3DModel's names and config.json, in a pipeline's transformer/ folder)
+    gives the model back."""
+    import re
+
+    model = _wanlike(7)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "head.modulation":
+            k = "scale_shift_table"
+        for old, new in TO_DIFFUSERS:
+            k = new + k[len(old):] if k.startswith(old) else k
+        m = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", k) or re.match(r"blocks\.(\d+)\.(modulation)()$", k)
+        if m:
+            k = f"blocks.{m.group(1)}.{BLOCK_TO_DIFFUSERS[m.group(2)]}" + (f".{m.group(3)}" if m.group(3) else "")
+        sd[k] = v.contiguous()
+    assert not any(".self_attn." in k or k.startswith("head.") for k in sd)
+    folder = tmp_path / "Wan2.1-T2V-tiny-Diffusers"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    cfg = model.config
+    (folder / "transformer" / "config.json").write_text(json.dumps({
+        "_class_name": "WanTransformer3DModel", "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
+        "in_channels": 16, "out_channels": 16, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "patch_size": [1, 2, 2]}))
+    save_file(sd, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    loaded = load_dit(folder)
+    x, t, ctx = torch.randn(1, 16, 2, 4, 4), torch.tensor([300.0]), torch.randn(1, 5, cfg.text_dim)
+    torch.testing.assert_close(loaded(x, t, ctx), model(x, t, ctx))
