@@ -403,7 +403,11 @@ def _lora_alpha_from_folder(path: Path) -> Optional[float]:
 
 def check_keys(model: torch.nn.Module, sd: dict[str, Tensor], where: str) -> None:
     """Strict loading with a readable message: missing, unexpected and mis-shaped keys, listed."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_key_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, where)
+
+
+def check_key_shapes(expected: dict[str, tuple], sd: dict[str, Tensor], where: str) -> None:
+    """check_keys against {name: shape} (a model's keys under another layout's names)."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}" for k in sorted(set(sd) & set(expected))

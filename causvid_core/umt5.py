@@ -1,12 +1,8 @@
-"""umT5-XXL text encoder for real Wan2.1 models: the encoder, both key layouts, the tokenizer.
-
-Wan2.1 conditions on umT5-XXL encoder states [L, 4096] (shared/reference/causal-wan.md section 2):
-T5 RMSNorm (no mean subtraction, eps 1e-6), attention without 1/sqrt(d) scaling and with a learned
-relative position bias in every layer (umT5; T5 v1.1 shares one), softmax in fp32, gated GELU-tanh
-FFN, final norm. This computes what transformers' `UMT5EncoderModel` and Wan's `T5Encoder`
-(wan/modules/t5.py) compute. Parameter names are Wan's, so `models_t5_umt5-xxl-enc-bf16.pth`
-loads with strict=True; the transformers layout (HF folders, diffusers `text_encoder/`, ComfyUI's
-`umt5_xxl_fp16.safetensors`) is renamed on load, ComfyUI's scaled-fp8 file is dequantised.
+"""umT5-XXL text encoder for real Wan2.1 models: every key layout, the tokenizer, and the encoder, which is
+transformers' `UMT5EncoderModel` (what Wan's `T5Encoder`, wan/modules/t5.py, computes; T5 v1.1's shared position
+bias as `T5EncoderModel`). Wan's `models_t5_umt5-xxl-enc-bf16.pth`, transformers folders, diffusers'
+`text_encoder/` and ComfyUI's `umt5_xxl_fp16.safetensors` / scaled-fp8 file load by renaming their keys; scaled
+fp8 is dequantised (fp8.py).
 
 `T5TextEncoder.encode(prompts) -> [B, text_len, dim]` keeps the contract of text.py: rows past
 each prompt's length (its tokens + EOS) are zero. Unlike the built-in word encoder, an empty prompt
@@ -19,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,14 +23,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoints import CheckpointError, check_keys, read_checkpoint
+from .checkpoints import CheckpointError, check_key_shapes, read_checkpoint
 from .fp8 import FP8_DTYPES, dequantize
 
 __all__ = ["UMT5Config", "UMT5_PRESETS", "UMT5Encoder", "T5TextEncoder", "UMT5Tokenizer",
-           "relative_position_bucket", "to_wan_keys", "infer_umt5_config", "load_umt5",
+           "to_wan_keys", "to_encoder_keys", "infer_umt5_config", "load_umt5",
            "load_tokenizer", "load_umt5_text_encoder", "clean_prompt", "MISSING_FILES_HELP"]
 
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"  # in every Wan2.1 model folder
@@ -97,133 +91,42 @@ UMT5_PRESETS: dict[str, UMT5Config] = {
 }
 
 
-# -- the encoder ---------------------------------------------------------------------------------
+# -- the encoder: transformers' ---------------------------------------------------------------------
 
-def relative_position_bucket(rel: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """T5's bidirectional buckets (Mesh TensorFlow): rel = key - query -> bucket in [0, num_buckets).
-
-    Half the buckets for keys after the query (rel > 0), half for the rest; in each half, exact
-    buckets for |rel| < n/4 (n = num_buckets), then log-spaced up to max_distance, then the last one.
-    """
-    half = num_buckets // 2
-    bucket = (rel > 0).long() * half
-    dist = rel.abs()
-    exact = half // 2
-    # clamp only keeps log() finite where the exact branch is taken anyway; larger values are unchanged
-    far = dist.clamp(min=exact).float()
-    # math.log as in both references: a float32 log here could move a boundary distance by a bucket
-    log_bucket = exact + (torch.log(far / exact) / math.log(max_distance / exact) * (half - exact)).long()
-    log_bucket = log_bucket.clamp(max=half - 1)
-    return bucket + torch.where(dist < exact, dist, log_bucket)
-
-
-class T5LayerNorm(nn.Module):
-    """RMSNorm without mean subtraction or bias; statistics in fp32, result in the weight's dtype."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
-
-
-class RelativePositionBias(nn.Module):
-    def __init__(self, num_buckets: int, num_heads: int):
-        super().__init__()
-        self.embedding = nn.Embedding(num_buckets, num_heads)
-
-    def forward(self, buckets: Tensor) -> Tensor:  # buckets [L, L] -> bias [1, H, L, L]
-        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
-
-
-class T5Attention(nn.Module):
-    def __init__(self, dim: int, dim_attn: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim_attn, bias=False)
-        self.k = nn.Linear(dim, dim_attn, bias=False)
-        self.v = nn.Linear(dim, dim_attn, bias=False)
-        self.o = nn.Linear(dim_attn, dim, bias=False)
-
-    def forward(self, x: Tensor, bias: Tensor, pad: Optional[Tensor]) -> Tensor:
-        B, L, _ = x.shape
-        H = self.num_heads
-        q = self.q(x).view(B, L, H, -1)  # [B, L, H, Dh]
-        k = self.k(x).view(B, L, H, -1)
-        v = self.v(x).view(B, L, H, -1)
-        # T5 folds the scale into its weights: no 1/sqrt(Dh) here
-        logits = torch.einsum("bihd,bjhd->bhij", q, k) + bias  # [B, H, L, L]
-        if pad is not None:  # pad [B, 1, 1, L], True where the key is padding
-            logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
-        attn = F.softmax(logits.float(), dim=-1).type_as(v)
-        out = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(B, L, -1)  # [B, L, A]
-        return self.o(out)
-
-
-class T5FeedForward(nn.Module):
-    def __init__(self, dim: int, dim_ffn: int):
-        super().__init__()
-        # `gate.0` is Wan's name (transformers: wi_0), GELU-tanh applied; fc1 = wi_1, fc2 = wo
-        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
-        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
-        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.fc1(x) * self.gate(x))
-
-
-def _fp16_clamp(x: Tensor) -> Tensor:
-    # T5 overflows fp16; Wan and transformers clamp to finfo.max - 1000 when an inf shows up. Clamping
-    # always avoids their host sync and differs only for values within 1000 of the fp16 maximum.
-    if x.dtype == torch.float16:
-        limit = torch.finfo(torch.float16).max - 1000
-        x = x.clamp(-limit, limit)
-    return x
-
-
-class T5Block(nn.Module):
-    def __init__(self, cfg: UMT5Config):
-        super().__init__()
-        self.norm1 = T5LayerNorm(cfg.dim, cfg.eps)
-        self.attn = T5Attention(cfg.dim, cfg.dim_attn, cfg.num_heads)
-        self.norm2 = T5LayerNorm(cfg.dim, cfg.eps)
-        self.ffn = T5FeedForward(cfg.dim, cfg.dim_ffn)
-        self.pos_embedding = None if cfg.shared_pos else RelativePositionBias(cfg.num_buckets, cfg.num_heads)
-
-    def forward(self, x: Tensor, buckets: Tensor, pad: Optional[Tensor], shared_bias: Optional[Tensor]) -> Tensor:
-        bias = shared_bias if self.pos_embedding is None else self.pos_embedding(buckets)
-        x = _fp16_clamp(x + self.attn(self.norm1(x), bias, pad))
-        return _fp16_clamp(x + self.ffn(self.norm2(x)))
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError("the umT5 text encoder of real Wan models runs on transformers: "
+                              "pip install 'causvid-stream[wan]' (ComfyUI brings it)") from None
+    return transformers
 
 
 class UMT5Encoder(nn.Module):
-    """ids [B, L] (+ mask [B, L], 1 = token, 0 = padding) -> hidden states [B, L, D]."""
+    """ids [B, L] (+ mask [B, L], 1 = token, 0 = padding) -> hidden states [B, L, D].
+
+    transformers' UMT5EncoderModel (T5EncoderModel for T5 v1.1's one shared position bias), sized by our
+    UMT5Config; `load_umt5` renames any file's keys (Wan's, transformers', ComfyUI's) to its names."""
 
     def __init__(self, config: UMT5Config | str = "umt5-xxl"):
         super().__init__()
         cfg = UMT5_PRESETS[config] if isinstance(config, str) else config
         self.config = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
-        self.pos_embedding = RelativePositionBias(cfg.num_buckets, cfg.num_heads) if cfg.shared_pos else None
-        self.blocks = nn.ModuleList([T5Block(cfg) for _ in range(cfg.num_layers)])
-        self.norm = T5LayerNorm(cfg.dim, cfg.eps)
+        tf = _transformers()
+        hf_cls, model_cls = ((tf.T5Config, tf.T5EncoderModel) if cfg.shared_pos
+                             else (tf.UMT5Config, tf.UMT5EncoderModel))
+        hf = hf_cls(vocab_size=cfg.vocab, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.dim_ffn,
+                    num_layers=cfg.num_layers, num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.num_buckets,
+                    relative_attention_max_distance=cfg.max_distance, layer_norm_epsilon=cfg.eps,
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0, attn_implementation="eager")
+        self.model = model_cls(hf)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.shared
 
     def forward(self, ids: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        B, L = ids.shape
-        cfg = self.config
-        pos = torch.arange(L, device=ids.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], cfg.num_buckets, cfg.max_distance)  # [L, L]
-        pad = None if mask is None else (mask == 0).view(B, 1, 1, L)
-        shared = self.pos_embedding(buckets) if self.pos_embedding is not None else None
-        x = self.token_embedding(ids)  # [B, L, D]
-        for block in self.blocks:
-            x = block(x, buckets, pad, shared)
-        return self.norm(x)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 # -- key layouts and config inference ----------------------------------------------------------
@@ -239,6 +142,37 @@ _HF_TO_WAN = [  # transformers UMT5EncoderModel / ComfyUI -> Wan's names
     (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$"), r"blocks.\1.norm2.weight"),
     (re.compile(r"^encoder\.final_layer_norm\.weight$"), "norm.weight"),
 ]
+
+
+_WAN_TO_HF = [  # Wan's names -> transformers' (the inverse of _HF_TO_WAN), under UMT5Encoder's `model.`
+    (re.compile(r"^blocks\.(\d+)\.attn\.([qkvo])\.weight$"), r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (re.compile(r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$"),
+     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (re.compile(r"^pos_embedding\.embedding\.weight$"),  # T5 v1.1: the shared bias lives in block 0
+     "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (re.compile(r"^blocks\.(\d+)\.norm1\.weight$"), r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$"), r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.fc1\.weight$"), r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.fc2\.weight$"), r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (re.compile(r"^blocks\.(\d+)\.norm2\.weight$"), r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (re.compile(r"^norm\.weight$"), "encoder.final_layer_norm.weight"),
+]
+
+
+def to_encoder_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Wan-named weights -> UMT5Encoder's state dict (the token table twice: transformers ties shared and
+    encoder.embed_tokens). Unknown keys pass through so the strict check lists them."""
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k == "token_embedding.weight":
+            out["model.shared.weight"] = out["model.encoder.embed_tokens.weight"] = v
+            continue
+        for pattern, repl in _WAN_TO_HF:
+            if pattern.match(k):
+                k = pattern.sub(repl, k)
+                break
+        out["model." + k] = v
+    return out
 
 
 def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -353,8 +287,11 @@ def _read_umt5(path: str | os.PathLike, dtype: Optional[torch.dtype], config: Op
 def _build(loaded: _Loaded, where: str, device: torch.device | str) -> UMT5Encoder:
     with torch.device("meta"):
         model = UMT5Encoder(loaded.config)
-    check_keys(model, loaded.sd, where)
-    model.load_state_dict(loaded.sd, strict=True, assign=True)
+    # checked under Wan's names, the ones the message then speaks of whatever the file's layout
+    wan_names, _ = to_wan_keys({k[len("model."):]: v for k, v in model.state_dict().items()}, where)
+    check_key_shapes({k: tuple(v.shape) for k, v in wan_names.items()}, loaded.sd, where)
+    model.load_state_dict(to_encoder_keys(loaded.sd), strict=True, assign=True)
+    model.model.tie_weights()  # assign replaced the shared table: embed_tokens points at it again
     model.checkpoint_layout = loaded.layout
     return model.to(device).eval().requires_grad_(False)
 
@@ -465,8 +402,8 @@ def load_tokenizer(path: str | os.PathLike | bytes) -> UMT5Tokenizer:
     except CheckpointError:
         raise
     except ImportError as exc:
-        raise CheckpointError(f"{source}: reading this tokenizer needs the `{exc.name}` package "
-                              f"(pip install {exc.name})") from exc
+        raise CheckpointError(f"{source}: reading this tokenizer needs the `{exc.name}` package: "
+                              "pip install 'causvid-stream[wan]'") from exc
     except Exception as exc:  # tokenizers and sentencepiece raise their own exception types
         raise CheckpointError(f"{source}: not a readable tokenizer (truncated or corrupt?): {exc}") from exc
 
