@@ -121,7 +121,24 @@ def _steps(text: str) -> dict:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--steps takes a preset ({', '.join(STEP_PRESETS)}) or a list "
                                          f"like 1000,750,500, got {text!r}") from None
-    return {"steps": steps}
+    from .validate import InputError, check_steps
+
+    try:
+        return {"steps": check_steps(steps)}
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(name: str, high: Optional[float] = None):
+    """An argparse type: a finite number > 0 (and <= high)."""
+    def parse(text: str) -> float:
+        from .validate import InputError, finite_number
+
+        try:
+            return finite_number(name, text, low=0.0, low_open=True, high=high)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -141,9 +158,10 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def _prompts(args: argparse.Namespace):
     from .schedule import PromptEvent, parse_schedule
+    from .validate import read_text
 
     if args.schedule:
-        return parse_schedule(Path(args.schedule).read_text())
+        return parse_schedule(read_text(args.schedule, "--schedule"))
     if args.prompt is None:
         raise ValueError("give --prompt TEXT, --schedule FILE or --prompts FILE")
     return [PromptEvent(0, args.prompt)]
@@ -153,9 +171,9 @@ def _request(args: argparse.Namespace, prompts) -> "GenerationRequest":
     from .generate import GenerationRequest
     from .video_io import read_image, read_video
 
-    image = read_image(args.image) if args.image else None
-    video = read_video(args.video) if args.video else None
-    extend = read_video(args.extend) if getattr(args, "extend", None) else None
+    image = _read_input(read_image, args.image, "--image") if args.image else None
+    video = _read_input(read_video, args.video, "--video") if args.video else None
+    extend = _read_input(read_video, args.extend, "--extend") if getattr(args, "extend", None) else None
     height, width = args.height, args.width
     if video is not None and height is None and width is None:
         height, width = video.shape[1:3]  # video-to-video keeps the input's size by default
@@ -164,9 +182,54 @@ def _request(args: argparse.Namespace, prompts) -> "GenerationRequest":
     if extend is not None and height is None and width is None:
         height, width = extend.shape[1:3]
     frames = args.frames if args.frames is not None else (len(video) if video is not None else 33)
-    return GenerationRequest(prompts=prompts, frames=frames, height=height or 64, width=width or 64,
+    return GenerationRequest(prompts=prompts, frames=frames, height=64 if height is None else height,
+                             width=64 if width is None else width,
                              seed=args.seed, settings=_settings(args), image=image, video=video,
                              strength=args.strength, extend=extend)
+
+
+def _read_input(reader, path: str, what: str):
+    """An input image or video, or an InputError that names it (missing, not a picture, truncated, empty)."""
+    from .validate import InputError
+
+    if not Path(path).is_file():
+        raise InputError(f"{what} {path}: no such file")
+    try:
+        return reader(path)
+    except Exception as exc:  # PIL and PyAV raise their own types for every kind of damage
+        raise InputError(f"{what} {path}: not a readable {'image' if what == '--image' else 'video'} "
+                         f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _check_request(comps, req, args) -> None:
+    """What the request asks for, checked before any work: prompts inside the video, memory."""
+    from .generate import latent_frames, make_stream
+    from .schedule import ScheduleError
+    from .validate import check_memory
+
+    latent_frames(req.frames)  # a bad count is an error before any file is opened
+    for ev in req.prompts:
+        if ev.frame >= req.frames:
+            raise ScheduleError(f"schedule: frame {ev.frame} ({ev.prompt!r}) is past the end of the video "
+                                f"({req.frames} frames): remove the line or raise --frames")
+    stream = make_stream(comps, req)  # sizes and settings checked; nothing allocated yet
+    check_memory(stream.memory_needed(), f"a {req.width}x{req.height} video of {req.frames} frames",
+                 args.allow_large, stream.device)
+    _warn_unknown_words(comps, [ev.prompt for ev in req.prompts])
+
+
+def _warn_unknown_words(comps, prompts) -> None:
+    """The built-in text encoder knows a fixed vocabulary: say which words of a prompt it drops."""
+    unknown = getattr(comps.text_encoder, "unknown_words", None)
+    if unknown is None:
+        return
+    for prompt in prompts:
+        dropped = unknown(prompt)
+        if not prompt.strip():
+            print("causvid: warning: an empty prompt: the model gets no text to follow", file=sys.stderr)
+        elif dropped:
+            print(f"causvid: warning: the built-in text encoder does not know {', '.join(map(repr, dropped))} "
+                  f"in {prompt!r}: those words are dropped", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -175,24 +238,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .checkpoints import CheckpointError
-    from .generate import generate_chunks, latent_frames
+    from .generate import generate_chunks
     from .schedule import PromptEvent, ScheduleError
     from .video_io import FPS, Mp4Writer, to_uint8
 
+    from .validate import InputError, check_output, check_output_dir, read_text
+
     try:
-        comps = _components(args)
         if args.prompts:
-            lines = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
             if not args.out_dir:
-                raise ValueError("--prompts needs --out-dir")
+                raise InputError("--prompts needs --out-dir")
+            check_output_dir(args.out_dir)
+            lines = [l.strip() for l in read_text(args.prompts, "--prompts").splitlines() if l.strip()]
+            if not lines:
+                raise InputError(f"--prompts {args.prompts} holds no prompts: write one prompt a line")
             jobs = [([PromptEvent(0, p)], Path(args.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(lines)]
+            for _, out in jobs:
+                check_output(out, "--out-dir file")
         else:
             if not args.out:
-                raise ValueError("give --out FILE.mp4")
-            jobs = [(_prompts(args), Path(args.out))]
-        for prompts, out in jobs:
-            req = _request(args, prompts)
-            latent_frames(req.frames)  # a bad count is an error before any file is opened
+                raise InputError("give --out FILE.mp4")
+            jobs = [(_prompts(args), check_output(args.out))]
+        comps = _components(args)
+        requests = [(_request(args, prompts), out) for prompts, out in jobs]
+        for req, _ in requests:
+            _check_request(comps, req, args)
+        for req, out in requests:
             t0 = time.perf_counter()
             with Mp4Writer(out) as writer, tqdm(total=req.frames, unit="frame", desc=out.name,
                                                 disable=args.quiet) as bar:
@@ -318,6 +389,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", help="a prompt schedule file: lines 'FRAME: prompt'")
     p.add_argument("--switch-mode", choices=("cut", "recache", "blend"), help="how prompts change (default cut)")
     p.add_argument("--model", help="DiT checkpoint (default: the built-in model)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="run even when the memory estimate says it will not fit this machine")
     p.add_argument("--lora", help="a LoRA for the DiT (LongLive's lora.pt, a ComfyUI LoRA), applied as it loads")
     p.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's weight (default 1)")
     from .stream_presets import STREAM_PRESETS
@@ -330,7 +403,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=_steps, help="step preset (causvid-3step, causvid-4step, self-forcing-4step) "
                                                  "or a list like 1000,750,500,250")
-    p.add_argument("--shift", type=float, help="flow shift for a custom step list")
+    p.add_argument("--shift", type=_positive_float("--shift"), help="flow shift for a custom step list")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--window", type=int, help="rolling KV window in latent frames (endless streams)")
@@ -366,8 +439,16 @@ def _components(args: argparse.Namespace):
                            lora=args.lora, lora_strength=args.lora_strength)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what is wrong, and where to read more), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="causvid", description="Streaming causal video generation (CausVid on Wan2.1).")
+    p = _Parser(prog="causvid", description="Streaming causal video generation (CausVid on Wan2.1).")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make a video (MP4, 16 fps)")
@@ -377,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="image-to-video: start from this PNG/JPEG")
     g.add_argument("--video", help="video-to-video: restyle this video")
     g.add_argument("--extend", help="video extension: continue this clip (4k+1 frames) up to --frames")
-    g.add_argument("--strength", type=float, default=0.7, help="video-to-video: 1 ignores the input, lower keeps more")
+    g.add_argument("--strength", type=_positive_float("--strength", 1.0), default=0.7,
+                   help="video-to-video: 1 ignores the input, lower keeps more")
     g.add_argument("--prompts", help="batch mode: a file with one prompt a line (needs --out-dir)")
     g.add_argument("--out-dir", help="batch mode: writes 000.mp4, 001.mp4, ... in order")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -436,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--out-dir", default="live", help="each session is recorded in a folder here")
     lv.add_argument("--seconds", type=float, help="end every session after this many seconds (default: on Stop)")
     lv.add_argument("--video", help="a video file the page can restyle (its 'video file' input)")
-    lv.add_argument("--strength", type=float, default=0.6,
+    lv.add_argument("--strength", type=_positive_float("--strength", 1.0), default=0.6,
                     help="video-to-video: how far the input is noised, 1 ignores it (default 0.6)")
     lv.add_argument("--no-pace", action="store_true",
                     help="make chunks as fast as possible instead of at most 1.5 s ahead of the player")
@@ -450,8 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit 2 on a usage error (a bad option, file or setting), 1 on a runtime failure, 130 on Ctrl-C; one line
+    on stderr saying what to do, and a traceback only with --debug."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    name = f"causvid {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (no partial output was kept)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        from .checkpoints import CheckpointError
+        from .schedule import ScheduleError
+        from .validate import InputError
+
+        usage = isinstance(exc, (InputError, CheckpointError, ScheduleError, FileNotFoundError, ValueError))
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not usage and not isinstance(exc, (RuntimeError, OSError)):
+            detail = f"unexpected {type(exc).__name__}: {detail} (run with --debug for the traceback)"
+        print(f"{name}: {detail}", file=sys.stderr)
+        return 2 if usage else 1
 
 
 if __name__ == "__main__":

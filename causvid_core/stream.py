@@ -45,6 +45,7 @@ from .cache import KVCache
 from .flow import FlowGrid, step_preset
 from .sampler import denoise_chunk, seeded_noise
 from .schedule import SWITCH_MODES, latent_to_pixel
+from .validate import check_finite_chunk
 from .vae import decode_memory
 
 INIT_NOISE_STEP = -1  # the step index under which a chunk's starting noise is drawn
@@ -474,6 +475,7 @@ class CausalStream:
         if fixed is not None:
             self._image_latent = None  # used by the first chunk only
         frames = self._decode(x0)
+        check_finite_chunk(x0, frames, context=ctx, model=self.model, index=ci)  # never a black video written
         self.frame, self.chunk_index = s + f, ci + 1
         return Chunk(ci, s, x0, frames, self.prompt, seconds=time.perf_counter() - t0)
 

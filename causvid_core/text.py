@@ -76,6 +76,10 @@ class WordTokenizer:
         ids = [self.index[w] for w in re.findall(r"[a-z]+", text.lower()) if w in self.index]
         return ids[: self.max_len]
 
+    def unknown(self, text: str) -> list[str]:
+        """The words of `text` the vocabulary does not have (dropped when encoding), in order, once each."""
+        return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w not in self.index))
+
 
 class WordTextEncoder(nn.Module):
     def __init__(self, config: WordEncoderConfig = WordEncoderConfig()):
@@ -91,6 +95,10 @@ class WordTextEncoder(nn.Module):
                                        norm_first=True, activation="gelu")
             for _ in range(config.num_layers)])
         self.norm = nn.LayerNorm(D)
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """What this encoder cannot represent in a prompt: its words outside the vocabulary."""
+        return self.tokenizer.unknown(prompt)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """ids [B, L] (0-padded) and lengths [B]."""

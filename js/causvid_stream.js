@@ -106,6 +106,18 @@ app.registerExtension({
         }
       };
     }
+    if (nodeData.category && String(nodeData.category).startsWith("causvid")) {
+      // warnings a node returns (prompt words the built-in text encoder drops): shown in its title bar
+      const onExecutedWarn = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        onExecutedWarn?.apply(this, arguments);
+        const warnings = message && message.causvid_warnings;
+        if (warnings && warnings.length) {
+          this.causvidProgress = `warning: ${warnings.join("; ")}`;
+          this.setDirtyCanvas?.(true, false);
+        }
+      };
+    }
     if (nodeData.name === "LiveStream") {
       const onNodeCreated = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {

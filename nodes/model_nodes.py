@@ -106,7 +106,24 @@ class CausalTextEncode:
             raise ValueError("this model has no text encoder of its own: use CLIPTextEncode with a Wan umT5 "
                              "text encoder (models/text_encoders) instead")
         with torch.no_grad():
-            return (to_conditioning(enc.encode([text]).cpu()),)
+            cond = to_conditioning(enc.encode([text]).cpu())
+        warnings = prompt_warnings(enc, [text])
+        for w in warnings:
+            print(f"[causvid] {w}")
+        return {"ui": {"causvid_warnings": warnings}, "result": (cond,)} if warnings else (cond,)
+
+
+def prompt_warnings(encoder, prompts) -> list[str]:
+    """What the built-in text encoder cannot represent: empty prompts and words outside its vocabulary."""
+    unknown = getattr(encoder, "unknown_words", None)
+    out = []
+    for p in prompts:
+        if not p.strip():
+            out.append("an empty prompt: the model gets no text to follow")
+        elif unknown is not None and unknown(p):
+            out.append(f"the built-in text encoder does not know {', '.join(map(repr, unknown(p)))} in {p!r}: "
+                       "those words are dropped")
+    return out
 
 
 class CausalModelFromComfy:

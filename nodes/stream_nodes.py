@@ -13,6 +13,7 @@ from ..causvid_core.generate import latent_frames
 from ..causvid_core.schedule import SWITCH_MODES, PromptEvent, ScheduleError, parse_schedule, snap_schedule
 from ..causvid_core.stream import CausalStream, StreamSettings
 from . import host
+from .model_nodes import prompt_warnings
 from .types import (CausalModel, PromptScheduleValue, StreamState, causal_vae_from_comfy, conditioning_tensor,
                     frames_to_host, images_to_video, latent_out, require, uint8_to_images)
 
@@ -118,6 +119,8 @@ class PromptSchedule:
                 raise ValueError("this model has no text encoder of its own: connect a CLIP (Wan umT5) instead")
 
             def encode(text):
+                for w in prompt_warnings(enc, [text]):
+                    print(f"[causvid] {w}")
                 with torch.no_grad():
                     return enc.encode([text]).cpu()
         else:

@@ -99,6 +99,8 @@ def conditioning_tensor(conditioning: Any) -> Tensor:
         raise ValueError(hint) from None
     if not isinstance(cond, Tensor) or cond.dim() != 3:
         raise ValueError(f"{hint}; got {type(conditioning).__name__}")
+    if cond.numel() == 0 or not bool(torch.isfinite(cond).all()):
+        raise ValueError("the conditioning is empty or holds NaN/Inf: check the text encoder and what feeds it")
     return cond
 
 
@@ -110,6 +112,10 @@ def images_to_video(images: Tensor) -> Tensor:
     """IMAGE [T, H, W, 3] in 0..1 -> [1, 3, T, H, W] in [-1, 1]."""
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"IMAGE must be [frames, height, width, 3], got {tuple(images.shape)}")
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise ValueError(f"the IMAGE input is empty ({tuple(images.shape)}): connect a node that gives frames")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("the IMAGE input holds NaN/Inf values: check the node that made it")
     return images.permute(3, 0, 1, 2).unsqueeze(0).float() * 2 - 1
 
 

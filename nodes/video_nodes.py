@@ -49,6 +49,8 @@ class VideoToVideoStream:
             frames = read_frames(video)
             frames = frames[:4 * ((len(frames) - 1) // 4) + 1]  # the causal VAE's 4k+1 frames
             images = torch.from_numpy(frames).float().div_(255.0)
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"the images input is empty ({tuple(images.shape)}): connect frames to restyle")
         T, H, W = images.shape[0], images.shape[1], images.shape[2]
         if (T - 1) % 4:
             raise ValueError(f"video-to-video needs 4k+1 frames (…, 33, 81), got {T}: trim the input "
@@ -159,6 +161,8 @@ class SaveCausalVideo:
                              "filename_prefix": ("STRING", {"default": "causvid"})}}
 
     def save(self, images, fps, filename_prefix):
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"the images input is empty ({tuple(images.shape)}): there is nothing to save")
         out_dir = Path(host.output_directory())
         sub = os.path.dirname(filename_prefix)
         prefix = os.path.basename(filename_prefix) or "causvid"

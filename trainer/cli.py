@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .config import PRESETS, apply_overrides, preset
+from .config import PRESETS, apply_overrides, preset, validate
 
 STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
                "dmd", "export", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
@@ -42,12 +42,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dest", help="publish / restore: the built-in folder (default: causvid_core/builtin/)")
     p.add_argument("--note", help="publish: how the run departed from a straight run of its config (resumes with "
                                   "changed settings...), kept in PROVENANCE.json")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     try:
-        cfg = apply_overrides(preset(args.preset), args.set)
+        cfg = validate(apply_overrides(preset(args.preset), args.set))  # before any run folder is made
     except ValueError as exc:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, cfg)
+    except KeyboardInterrupt:
+        print("causvid-train: interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        from .run import StageStateError
+
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, (StageStateError, FileNotFoundError, ValueError, RuntimeError, OSError)):
+            detail = f"unexpected {type(exc).__name__}: {detail} (run with --debug for the traceback)"
+        print(f"causvid-train: {detail}", file=sys.stderr)
+        return 2 if isinstance(exc, (FileNotFoundError, ValueError)) else 1
+
+
+def _run(args, cfg) -> int:
     from causvid_core.pipeline import BUILTIN_DIR
 
     from .pipeline import run_pipeline, run_stage

@@ -306,6 +306,54 @@ def preset(name: str) -> TrainConfig:
         raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+# stages a pipeline cannot skip: steps must be at least 1 (the optional ones are off at 0)
+REQUIRED_LOOPS = ("vae", "text", "teacher", "ode_init", "dmd")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Refuse settings that would train nothing or diverge silently, before any run folder is made."""
+    import math
+
+    problems = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not isinstance(sub, LoopConfig):
+            continue
+        name = section.name
+        if not isinstance(sub.steps, int) or sub.steps < (1 if name in REQUIRED_LOOPS else 0):
+            low = 1 if name in REQUIRED_LOOPS else 0
+            problems.append(f"{name}.steps must be a whole number >= {low}, got {sub.steps!r}")
+        for field_name in ("batch", "grad_accum", "log_every", "ckpt_every"):
+            v = getattr(sub, field_name)
+            if not isinstance(v, int) or v < 1:
+                problems.append(f"{name}.{field_name} must be a whole number >= 1, got {v!r}")
+        for field_name in ("lr", "grad_clip"):
+            v = getattr(sub, field_name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                problems.append(f"{name}.{field_name} must be a finite number > 0, got {v!r}")
+    op = cfg.ode_pairs
+    if not isinstance(op.num_pairs, int) or op.num_pairs < 1:
+        problems.append(f"ode_pairs.num_pairs must be a whole number >= 1, got {op.num_pairs!r}")
+    if not isinstance(op.teacher_steps, int) or op.teacher_steps < 4 or op.teacher_steps % 4:
+        problems.append(f"ode_pairs.teacher_steps must be a multiple of 4, got {op.teacher_steps!r}")
+    if problems:
+        raise ValueError("invalid training settings: " + "; ".join(problems))
+    return cfg
+
+
+def _typed(value: Any, current: Any, item: str) -> Any:
+    """An override's value, checked against the field's current value's type (int, float, bool, str, list)."""
+    if current is None or isinstance(value, type(current)) or (isinstance(current, float) and
+                                                                 isinstance(value, int) and not isinstance(value, bool)):
+        return float(value) if isinstance(current, float) and not isinstance(value, bool) else value
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    kinds = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a JSON list",
+             tuple: "a JSON list", dict: "a JSON object"}
+    raise ValueError(f"override {item!r}: {kinds.get(type(current), type(current).__name__)} is expected, "
+                     f"got {value!r}")
+
+
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     """`stage.field=value` strings; the value is parsed as JSON when it can be, else kept as text."""
     for item in items:
@@ -327,5 +375,5 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
             continue
         if not hasattr(target, parts[-1]):
             raise ValueError(f"override {item!r}: no field {parts[-1]!r} in {type(target).__name__}")
-        setattr(target, parts[-1], value)
+        setattr(target, parts[-1], _typed(value, getattr(target, parts[-1]), item))
     return cfg

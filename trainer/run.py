@@ -53,7 +53,7 @@ class StageRun:
         self.done_path = self.dir / "DONE.json"
         self.seconds_path = self.dir / "seconds.json"
         self._t0 = time.perf_counter()
-        self._before = json.loads(self.seconds_path.read_text())["seconds"] if self.seconds_path.exists() else 0.0
+        self._before = _read_json(self.seconds_path).get("seconds", 0.0) if self.seconds_path.exists() else 0.0
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +61,17 @@ class StageRun:
 
     @property
     def done(self) -> bool:
-        return self.done_path.exists()
+        """Finished, and its outputs are what it wrote (DONE.json's sizes and hashes): a stage whose output was
+        truncated or edited since is an error, never silently skipped."""
+        if not self.done_path.exists():
+            return False
+        files = _read_json(self.done_path).get("files", {})  # runs finished before files were recorded: none
+        for name, want in files.items():
+            path = self.dir / name
+            if not path.exists() or path.stat().st_size != want["size"] or file_hash(path) != want["sha256"]:
+                raise StageStateError(f"{path} is not the file the {self.name!r} stage finished with (missing, "
+                                      f"truncated or changed): delete {self.dir} to run the stage again")
+        return True
 
     # -- randomness and data -------------------------------------------------------------------------
     def generator(self, step: int, index: int, purpose: int = 0) -> torch.Generator:
@@ -102,7 +112,12 @@ class StageRun:
         if not self.state_path.exists():
             self._truncate_metrics(0)
             return 0
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or corrupt checkpoint (torch raises several kinds)
+            raise StageStateError(f"{self.state_path} is unreadable ({type(exc).__name__}): delete it to start the "
+                                  f"{self.name!r} stage again from its first step (no earlier checkpoint is kept)"
+                                  ) from None
         self.missing = {k for k in objects if k not in state and k in optional}
         for key, obj in objects.items():
             if key not in self.missing:
@@ -145,9 +160,37 @@ class StageRun:
     def finish(self, **outputs: Any) -> None:
         if self.is_main:
             self.save_seconds()
-            done = {"stage": self.name, **outputs, "seconds": round(self.seconds, 1)}
+            skip = {self.done_path.name, self.seconds_path.name, self.metrics_path.name, self.state_path.name}
+            files = {p.name: {"size": p.stat().st_size, "sha256": file_hash(p)} for p in sorted(self.dir.iterdir())
+                     if p.is_file() and p.name not in skip and not p.name.endswith(".part")}
+            done = {"stage": self.name, **outputs, "seconds": round(self.seconds, 1), "files": files}
             atomic_write_text(self.done_path, json.dumps(done, indent=2))
         self.acc.wait_for_everyone()
+
+
+class StageStateError(RuntimeError):
+    """A run folder's state (checkpoint, DONE.json, outputs) is damaged; the message says what to delete."""
+
+
+def file_hash(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StageStateError(f"{path} is unreadable ({type(exc).__name__}: truncated?): delete it (and, for "
+                              f"DONE.json, the stage's folder) to run the stage again") from None
+    if not isinstance(data, dict):
+        raise StageStateError(f"{path} does not hold a JSON object: delete it to run the stage again")
+    return data
 
 
 def _unwrap(acc, obj):
