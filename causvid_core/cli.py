@@ -287,9 +287,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from .generate import latent_size
     from .schedule import ScheduleError, snap_schedule
     from .stream import CausalStream, StreamSettings
+    from .validate import check_output_dir
     from .video_io import to_uint8, write_mp4
 
     try:
+        check_output_dir(args.out_dir)
         comps = _components(args)
         prompts = _prompts(args)
         fields = {**comps.stream_defaults, **_settings(args), "seed": args.seed}
@@ -306,7 +308,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         by_chunk, notices = snap_schedule(prompts, layout)
         for n in notices:
             print(n, file=sys.stderr)
-        out = Path(args.out_dir)
+        out = check_output_dir(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stream.set_prompt(by_chunk[0])
         made, t0 = 0, time.perf_counter()

@@ -234,3 +234,22 @@ def test_text_encode_node_shows_the_dropped_words(pack):
     out = m.NODE_CLASS_MAPPINGS["CausalTextEncode"]().encode(model, "a purple dragon")
     (warning,) = out["ui"]["causvid_warnings"]
     assert "'purple', 'dragon'" in warning and out["result"][0][0][0].shape[-1] == model.model.config.text_dim
+
+
+def test_a_stage_checks_the_earlier_output_it_reads(capsys, tmp_path):
+    """A stage run on its own reads an earlier stage's output only as that stage finished it."""
+    from trainer.stages.common import require
+
+    run_dir = tmp_path / "run"
+    assert run(capsys, causvid_train, "text", "--preset", "micro", "--out", run_dir)[0] == 0
+    assert require(run_dir, "text").name == "text.safetensors"
+    path = run_dir / "text" / "text.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(RuntimeError, match="delete .*text"):
+        require(run_dir, "text")
+
+
+def test_causvid_stream_refuses_an_out_dir_that_is_a_file(capsys, files):
+    code, err = run(capsys, causvid, "stream", "--prompt", PROMPT, "--out-dir", files / "keep.mp4", "--seconds", "1")
+    assert_refused(code, err, "--out-dir")
+    assert (files / "keep.mp4").read_bytes() == b"precious"

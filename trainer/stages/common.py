@@ -31,9 +31,22 @@ def output(root: str | Path, stage: str) -> Path:
 
 
 def require(root: str | Path, stage: str) -> Path:
+    """An earlier stage's output, checked against what that stage finished with (DONE.json's size and hash)."""
+    import json
+
+    from ..run import StageStateError, file_hash
+
     p = output(root, stage)
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: run the {stage!r} stage first (causvid-train {stage} ...)")
+    done = p.parent / "DONE.json"
+    try:
+        want = json.loads(done.read_text()).get("files", {}).get(p.name) if done.exists() else None
+    except (OSError, ValueError):
+        want = None  # the producing stage's own check names a damaged DONE.json
+    if want is not None and (p.stat().st_size != want["size"] or file_hash(p) != want["sha256"]):
+        raise StageStateError(f"{p} is not the file the {stage!r} stage finished with (truncated or changed): "
+                              f"delete {p.parent} to run that stage again")
     return p
 
 
