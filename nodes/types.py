@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..causvid_core.pipeline import Components
 from ..causvid_core.stream import CausalStream
+from ..causvid_core.validate import all_finite
 from ..causvid_core.video_io import frames_uint8
 
 
@@ -99,7 +100,7 @@ def conditioning_tensor(conditioning: Any) -> Tensor:
         raise ValueError(hint) from None
     if not isinstance(cond, Tensor) or cond.dim() != 3:
         raise ValueError(f"{hint}; got {type(conditioning).__name__}")
-    if cond.numel() == 0 or not bool(torch.isfinite(cond).all()):
+    if cond.numel() == 0 or not all_finite(cond):
         raise ValueError("the conditioning is empty or holds NaN/Inf: check the text encoder and what feeds it")
     return cond
 
@@ -114,7 +115,7 @@ def images_to_video(images: Tensor) -> Tensor:
         raise ValueError(f"IMAGE must be [frames, height, width, 3], got {tuple(images.shape)}")
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
         raise ValueError(f"the IMAGE input is empty ({tuple(images.shape)}): connect a node that gives frames")
-    if not bool(torch.isfinite(images).all()):
+    if not all_finite(images):
         raise ValueError("the IMAGE input holds NaN/Inf values: check the node that made it")
     return images.permute(3, 0, 1, 2).unsqueeze(0).float() * 2 - 1
 
