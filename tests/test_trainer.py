@@ -754,3 +754,35 @@ def test_optional_stages_with_no_steps_are_left_out_of_the_run():
     off = apply_overrides(micro(), ["vae_decoder.steps=0", "teacher_refine.steps=0", "causal_teacher.steps=0"])
     assert active_stages(off) == ["vae", "text", "teacher", "ode-pairs", "ode-init", "dmd", "export"]
     assert {"vae-decoder", "teacher-refine", "causal-teacher"} <= set(active_stages(micro()))
+
+
+def test_a_lora_of_student_minus_teacher_reconstructs_within_its_printed_error(tmp_path, capsys):
+    """`causvid-train lora`: a truncated-SVD LoRA in ComfyUI's layout; the teacher with it (as any loader applies
+    it) is as far from the student as the reported error says, modulations (no LoRA in ComfyUI) included."""
+    from causvid_core.checkpoints import load_dit, save_dit
+    from conftest import tiny_model
+    from trainer.cli import main
+
+    teacher = tiny_model(seed=1)
+    student = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.dim() == 2:  # a rank-2 change of every linear layer, plus a little full-rank noise
+                a, b = torch.randn(p.shape[0], 2, generator=g), torch.randn(2, p.shape[1], generator=g)
+                p.add_(0.05 * a @ b + 0.001 * torch.randn(p.shape, generator=g))
+            elif name.endswith("modulation"):
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    save_dit(teacher, tmp_path / "teacher.safetensors")
+    save_dit(student, tmp_path / "student.safetensors")
+    assert main(["lora", "--out", str(tmp_path), "--teacher", str(tmp_path / "teacher.safetensors"),
+                 "--student", str(tmp_path / "student.safetensors"), "--rank", "2"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out.strip().splitlines()[-1])
+    assert "reconstruction error" in out.err and report["layers"] > 0
+    merged = load_dit(tmp_path / "teacher.safetensors", lora=report["lora"]).state_dict()
+    t, s = teacher.state_dict(), student.state_dict()
+    diff = sum(float((s[k] - t[k]).pow(2).sum()) for k in s) ** 0.5
+    resid = sum(float((s[k] - merged[k]).pow(2).sum()) for k in s) ** 0.5
+    assert abs(resid / diff - report["rel_error"]) < 5e-3, (resid / diff, report)  # fp16 storage of the LoRA
+    assert report["rel_error"] < 0.2 and report["left_out"] > 0  # rank 2 catches the rank-2 change; modulations not

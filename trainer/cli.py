@@ -8,6 +8,7 @@
     causvid-train restore --preset shapes --out runs/new       # builtin VAE/text/teacher -> finished stages
     causvid-train restore --preset shapes --out runs/new --stages vae,text   # just these (the teacher trains anew)
     causvid-train diagnose --preset shapes --out runs/shapes   # where the teacher loses prompts (JSON)
+    causvid-train lora --preset shapes --out runs/shapes --rank 32   # student - teacher as a ComfyUI LoRA
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
 
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 from .config import PRESETS, apply_overrides, preset, validate
 
 STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
-               "dmd", "export", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
+               "dmd", "export", "lora", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dest", help="publish / restore: the built-in folder (default: causvid_core/builtin/)")
     p.add_argument("--note", help="publish: how the run departed from a straight run of its config (resumes with "
                                   "changed settings...), kept in PROVENANCE.json")
+    p.add_argument("--rank", type=int, default=32, help="lora: the LoRA's rank (per layer, truncated SVD)")
+    p.add_argument("--teacher", help="lora: the base model (default: the run's teacher)")
+    p.add_argument("--student", help="lora: the fine-tuned model (default: the run's exported student)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     try:
@@ -111,6 +115,25 @@ def _run(args, cfg) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2
+    elif args.stage == "lora":
+        from pathlib import Path
+
+        from causvid_core.checkpoints import load_dit
+        from causvid_core.lora_export import extract_lora, save_lora
+
+        from .stages.common import require
+        run = Path(args.out)
+        teacher = Path(args.teacher) if args.teacher else require(run, teacher_stage(cfg))
+        student = Path(args.student) if args.student else run / "student.safetensors"
+        if not student.exists():
+            raise FileNotFoundError(f"{student} is missing: run the export stage first, or pass --student")
+        lora, report = extract_lora(load_dit(teacher).state_dict(), load_dit(student).state_dict(), args.rank)
+        dest = run / f"lora_rank{args.rank}.safetensors"
+        save_lora(lora, dest)
+        print(report.line(), file=sys.stderr)
+        print(json.dumps({"lora": str(dest), "rank": args.rank, "layers": report.layers,
+                          "rel_error": round(report.rel_error, 6), "rel_error_linear": round(report.rel_error_linear, 6),
+                          "left_out": round(report.left_out, 6)}))
     elif args.stage == "pipeline":
         run_pipeline(cfg, args.out, stages=args.stages.split(",") if args.stages else None)
     else:
