@@ -61,8 +61,11 @@ class CastLinear(nn.Linear):
         self.register_buffer("scale_weight", torch.ones(scale_shape, device="meta"))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # one cast copy of the weight per call (as ComfyUI's manual cast); the scale (per tensor or per output
+        # row) multiplies the output, which is far smaller than the weight
+        y = F.linear(x, self.weight.to(x.dtype))
+        y = y * self.scale_weight.reshape(-1).to(y.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def keep_fp8(model: nn.Module, sd: dict[str, Tensor], compute_dtype: torch.dtype, where: str) -> None:

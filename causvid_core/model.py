@@ -252,8 +252,9 @@ class WanDiT(nn.Module):
         """The dtype activations, the KV cache and the stream's latents use."""
         return self.compute_dtype_override or self.text_embedding[0].weight.dtype
 
-    def rope(self) -> Rope:
-        device = self.patch_embedding.weight.device
+    def rope(self, device: Optional[torch.device] = None) -> Rope:
+        """The RoPE tables on `device` (the activations' device; default: the patch embedding's)."""
+        device = device if device is not None else self.patch_embedding.weight.device
         if self._rope is None or self._rope.device != device:
             self._rope = Rope(self.config.head_dim, device)
         return self._rope
@@ -346,7 +347,7 @@ class WanDiT(nn.Module):
                 raise ValueError(f"cache was built for batch {cache.batch} x {cache.tokens_per_frame} tokens/frame, "
                                  f"got {B} x {T}")
             slots = cache.begin(start_frame, f)
-            rope = self.rope().factors(slots.rope_start, f, h, w)
+            rope = self.rope(tokens.device).factors(slots.rope_start, f, h, w)
             source = (context, clip_fea)
             if cache.cross_source is None or cache.cross_source[0] is not context or cache.cross_source[1] is not clip_fea:
                 cache.cross = self.cross_kv(context, clip_fea)
@@ -357,7 +358,7 @@ class WanDiT(nn.Module):
                 kw, vw = cache.update(layer, k.to(cache.dtype), v.to(cache.dtype))
                 return attention(q, kw.to(q.dtype), vw.to(q.dtype))
         else:
-            rope = self.rope().factors(start_frame, f, h, w)
+            rope = self.rope(tokens.device).factors(start_frame, f, h, w)
             cross = self.cross_kv(context, clip_fea)
             if chunk_frames is None:
                 def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -151,6 +151,8 @@ def all_finite(t: Tensor) -> bool:
     from .flow import _real_cpu
 
     with _real_cpu():
+        if t.dtype.itemsize == 1 and t.is_floating_point():  # fp8: isfinite has no kernel for it
+            t = t.float()
         return bool(torch.isfinite(t).all())
 
 

@@ -86,7 +86,9 @@ class Progress:
         if self.previewer is not None:
             try:
                 preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
-            except Exception:  # a preview must never stop the run
+            except Exception as exc:  # a preview must never stop the run, but Cancel must
+                if type(exc).__name__ == "InterruptProcessingException":
+                    raise
                 self.previewer = None
         self.step(preview)
 
@@ -176,6 +178,15 @@ def load(patchers, memory_required: int = 0) -> None:
     if not patchers:
         return
     kw = {"memory_required": int(memory_required)}
+    # ComfyUI's own MODEL (CausalModelFromComfy): its comfy.ops layers cast weights left on the CPU per call,
+    # so ComfyUI may load it partly (--lowvram, a big model on a small card). It goes first: loading ours after
+    # it may then offload more of it, never the other way round.
+    comfy = [p for p in patchers if _is_comfy_model(p)]
+    patchers = [p for p in patchers if not _is_comfy_model(p)]
+    if comfy:
+        mm.load_models_gpu(comfy, **kw)
+    if not patchers:
+        return
     params = inspect.signature(mm.load_models_gpu).parameters
     if "force_full_load" in params:
         mm.load_models_gpu(patchers, force_full_load=True, **kw)
@@ -192,6 +203,10 @@ def load(patchers, memory_required: int = 0) -> None:
             mm.load_models_gpu(patchers, **kw)
     for p in patchers:
         _check_loaded(p)
+
+
+def _is_comfy_model(patcher) -> bool:
+    return type(getattr(patcher, "model", None)).__module__.startswith("comfy.")
 
 
 def _check_loaded(patcher) -> None:

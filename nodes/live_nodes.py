@@ -146,7 +146,7 @@ def _source(kind: str, value: str, h: int, w: int, seed: int, stopped, video=Non
 
         return VideoInputSource(video, h, w)
     if kind == "camera":
-        return CameraSource(h, w, stopped=stopped)
+        return CameraSource(h, w, stopped=stopped, check=host.check_interrupt)
     if kind == "shapes world":
         return WorldSource(value.strip() or DEFAULT_PROMPT, h, w, seed=seed)
     if not value.strip():

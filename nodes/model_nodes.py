@@ -130,7 +130,9 @@ class CausalModelFromComfy:
     DESCRIPTION = ("Use ComfyUI's own Wan 2.1 MODEL (Load Diffusion Model with any weight dtype, LoRA loaders) as a "
                    "causal streaming model: its weights stay ComfyUI's (fp8 storage, LoRA patches, offloading). "
                    "Choose the stream settings the model was distilled for (Self-Forcing, CausVid, LongLive, Causal "
-                   "Forcing, Krea); use ComfyUI's CLIP text encoder and Wan VAE with it.")
+                   "Forcing, Krea); use ComfyUI's CLIP text encoder and Wan VAE with it. The causal forward is "
+                   "this pack's: patches that replace ComfyUI's own Wan forward (block patches, TeaCache, "
+                   "torch.compile or attention patch nodes, ModelSamplingSD3's shift) have no effect.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CAUSAL_MODEL",)
     RETURN_NAMES = ("model",)

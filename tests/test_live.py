@@ -193,6 +193,7 @@ def test_causvid_live_server_streams_steers_stops_and_records(tmp_path):
 
     ended, status = asyncio.run(scenario())
     shown = server.session.stats.frames
+    assert server.session.stream is None and server.session.encode is None  # an ended session keeps its stats only
     assert read_video(ended["recording"]).shape[0] == shown  # every frame made is in the recording
     assert status["sessions"][0]["running"] is False
     text = next((tmp_path / "rec").glob("*/stream.schedule.txt")).read_text()
@@ -301,3 +302,55 @@ def test_bench_live_plays_a_session_end_to_end():
     assert r["fps_made"] > 0 and r["first_frame_s"] > 0 and r["first_frame_page_s"] >= r["first_frame_s"]
     assert r["dropped"] == 0 and r["stalls"] >= 0 and r["rss_end_mb"] > 0 and len(r["load"]) == 6
     assert r["rss_growth_mb"] is None  # under the 10 s warm-up: no baseline, no growth claimed
+
+
+def test_origin_check_same_host_and_port_unless_one_is_implicit():
+    from types import SimpleNamespace
+
+    from causvid_core.live.hub import origin_ok
+
+    def req(host, origin):
+        return SimpleNamespace(host=host, headers={} if origin is None else {"Origin": origin})
+
+    assert origin_ok(req("127.0.0.1:8188", None))  # not a browser page
+    assert origin_ok(req("127.0.0.1:8188", "http://127.0.0.1:8188"))
+    assert origin_ok(req("example.com", "https://example.com:443"))  # a proxy in front: the port implicit
+    assert not origin_ok(req("127.0.0.1:8188", "http://127.0.0.1:9999"))  # another local app
+    assert not origin_ok(req("127.0.0.1:8188", "http://evil.example:8188"))
+    assert not origin_ok(req("127.0.0.1:8188", "null"))
+
+
+def test_a_camera_chunk_longer_than_the_queue_and_cancel_while_waiting():
+    import threading
+
+    from causvid_core.live.sources import CameraSource
+
+    cam = CameraSource(32, 32)
+    frame, done = _jpeg((200, 0, 0)), threading.Event()
+
+    def feed():  # a camera: a frame every few milliseconds until the chunk is taken
+        while not done.is_set():
+            cam.put(frame)
+            done.wait(0.002)
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        assert cam.take(100).shape == (100, 32, 32, 3)  # a chunk of 100 frames, more than the default 48 queued
+    finally:
+        done.set()
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        raise InterruptedError("Processing interrupted")
+    slow = CameraSource(32, 32, check=cancel)
+    with pytest.raises(InterruptedError):
+        slow.take(9)
+    assert calls
+
+
+def test_fp8_tensors_are_checked_for_non_finite_values():
+    from causvid_core.validate import all_finite
+
+    ok = torch.randn(8).to(torch.float8_e4m3fn)
+    bad = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
+    assert all_finite(ok) and not all_finite(bad)

@@ -435,3 +435,17 @@ def test_denoising_steps_show_comfyuis_latent_previews_for_wan_latents(pack, mon
     seen.clear()
     _sample(pack, _state(pack, model), 1, conditioning=_cond(pack, model))  # the model's own VAE: no latent previews
     assert seen == []
+
+
+def test_comfyuis_own_model_is_loaded_as_comfyui_decides_and_ours_fully_after_it(pack):
+    """A ComfyUI MODEL (comfy.* module) may be loaded partly (its layers cast per call); the pack's own modules
+    are loaded fully, after it, so loading them can only offload more of ComfyUI's model."""
+    import types as _types
+
+    m, host = pack
+    comfy_cls = type("WAN21", (torch.nn.Module,), {"__module__": "comfy.model_base"})
+    comfy_patcher = _types.SimpleNamespace(model=comfy_cls(), load_device=torch.device("cpu"))
+    ours = _types.SimpleNamespace(model=torch.nn.Linear(2, 2), load_device=torch.device("cpu"))
+    before = len(host.loads)
+    m.nodes.host.load([ours, comfy_patcher], 123)
+    assert host.loads[before:] == [(["WAN21"], 123, False), (["Linear"], 123, True)]

@@ -63,11 +63,17 @@ def unpack_frame(msg: bytes) -> tuple[dict, bytes]:
 
 def origin_ok(request) -> bool:
     """A browser request from this server's own page (no Origin: not a browser page, e.g. curl or a test
-    client, where nothing cross-site can happen)."""
+    client, where nothing cross-site can happen): the same host name, and the same port unless one side
+    leaves it implicit (a proxy in front, https on 443)."""
     from urllib.parse import urlsplit
 
     origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
+    if origin is None:
+        return True
+    o, h = urlsplit(origin), urlsplit("//" + request.host)
+    if not o.hostname or o.hostname.lower() != (h.hostname or "").lower():
+        return False
+    return o.port is None or h.port is None or o.port == h.port
 
 
 def jpeg(frame, quality: int = JPEG_QUALITY) -> bytes:
@@ -155,6 +161,9 @@ class LiveHub:
         if entry is None:
             return
         entry.result = {"recording": recording, "error": error}
+        entry.camera = None
+        if entry.session.stopped:
+            entry.session.release()  # the KV cache and the models go with the stream; the stats stay
         self._post({"type": "ended", "session": sid, **self._status(sid)}, False)
 
     def _public(self, sid: str) -> dict:

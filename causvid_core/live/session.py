@@ -246,6 +246,14 @@ class LiveSession:
         for sink in self.sinks:
             sink(shown)
 
+    def release(self) -> None:
+        """Drop what a finished session holds on to (its stream with the KV cache and decoder cache, the text
+        encoder's closure, the source): a server remembers ended sessions by their stats alone."""
+        if not self._stop.is_set():
+            raise RuntimeError("release() is for a session that has ended")
+        self.stream = self.encode = self.source = self.check = self.image = None
+        self.sinks = ()
+
     def schedule_text(self) -> str:
         """The prompts as applied, as a schedule file ('FRAME: prompt'); with this session's seed and mode
         it reproduces the stream frame for frame (text to video; a video-to-video stream also needs its input)."""

@@ -124,9 +124,9 @@ class CameraSource(FrameSource):
     kind = "camera"
 
     def __init__(self, height: int, width: int, wait_s: float = CAMERA_WAIT_S,
-                 stopped: Callable[[], bool] = lambda: False):
+                 stopped: Callable[[], bool] = lambda: False, check: Callable[[], None] = lambda: None):
         super().__init__(height, width)
-        self.wait_s, self.stopped = wait_s, stopped
+        self.wait_s, self.stopped, self.check = wait_s, stopped, check
         self._queue: deque[bytes] = deque(maxlen=CAMERA_QUEUE_FRAMES)
         self._cond = threading.Condition()
         self.received = self.bad = self.skipped = 0
@@ -166,12 +166,16 @@ class CameraSource(FrameSource):
 
     def take(self, n: int) -> Optional[np.ndarray]:
         out: list[np.ndarray] = []
+        with self._cond:
+            if self._queue.maxlen < 2 * n:  # room for a whole chunk (long chunks need more than 3 s)
+                self._queue = deque(self._queue, maxlen=2 * n)
         while len(out) < n:
             with self._cond:
                 while len(self._queue) < n - len(out):
                     if self.stopped() or time.monotonic() - self._last > self.wait_s:
                         return None
                     self._cond.wait(timeout=0.05)
+                    self.check()  # ComfyUI's Cancel while the camera is slow
                 want = n - len(out)
                 self.skipped += len(self._queue) - want  # older than the newest `want`: live, not late
                 batch = list(self._queue)[-want:]
