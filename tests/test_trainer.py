@@ -786,3 +786,54 @@ def test_a_lora_of_student_minus_teacher_reconstructs_within_its_printed_error(t
     resid = sum(float((s[k] - merged[k]).pow(2).sum()) for k in s) ** 0.5
     assert abs(resid / diff - report["rel_error"]) < 5e-3, (resid / diff, report)  # fp16 storage of the LoRA
     assert report["rel_error"] < 0.2 and report["left_out"] > 0  # rank 2 catches the rank-2 change; modulations not
+
+
+def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
+    """`causvid-train pipeline --preset wan-tiny --teacher --vae --text-encoder --prompts`: a Wan2.1 folder as the
+    teacher, a Wan VAE .pth, a text encoder and a prompt file with an unreadable row; text embeddings computed once,
+    then ODE pairs, ODE init, DMD (rollout) and export; `causvid generate` makes a video from the student and from
+    the teacher with the student's LoRA."""
+    from causvid_core.cli import main as causvid
+    from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
+    from causvid_core.vae import random_vae
+    from conftest import tiny_model
+    from safetensors.torch import save_file
+    from trainer.cli import main as causvid_train
+
+    teacher = tiny_model(seed=4)
+    folder = tmp_path / "Wan2.1-T2V-tiny"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    c = teacher.config
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "t2v", "dim": c.dim, "ffn_dim": c.ffn_dim, "num_heads": c.num_heads, "num_layers": c.num_layers,
+        "text_len": c.text_len, "in_dim": 16, "out_dim": 16, "freq_dim": c.freq_dim, "eps": 1e-6}))
+    torch.save(random_vae("wan-tiny", seed=2).state_dict(), tmp_path / "Wan2.1_VAE.pth")
+    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=c.text_dim, text_len=c.text_len)).eval(),
+                      tmp_path / "text.safetensors")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle moving right on a black background"}\n'
+                       '{"prompt": "a blue square moving up on a gray background"}\n'
+                       '{"oops": 1}\n'
+                       '{"caption": "a green triangle moving left on a navy background"}\n')
+    run_dir = tmp_path / "run"
+    args = ["pipeline", "--preset", "wan-tiny", "--teacher", folder, "--vae", tmp_path / "Wan2.1_VAE.pth",
+            "--text-encoder", tmp_path / "text.safetensors", "--prompts", prompts, "--out", run_dir]
+    assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "prompts.jsonl line 3" in err  # the unreadable row is reported
+    done = json.loads((run_dir / "text-embeds" / "DONE.json").read_text())
+    assert done["prompts"] == 3 and done["unreadable"] == 1
+    for stage in ("ode-pairs", "ode-init", "dmd", "export"):
+        assert (run_dir / stage / "DONE.json").exists(), stage
+    assert not (run_dir / "teacher").exists() and not (run_dir / "vae").exists()  # the user's own are used
+
+    gen = ["generate", "--vae", tmp_path / "Wan2.1_VAE.pth", "--text-encoder", tmp_path / "text.safetensors",
+           "--prompt", "a red circle moving right on a black background", "--width", "32", "--height", "32",
+           "--frames", "9", "--quiet"]
+    assert causvid(list(map(str, [*gen, "--model", run_dir / "student.safetensors", "--out", tmp_path / "s.mp4"]))) == 0
+    assert causvid_train(["lora", "--out", str(run_dir), "--teacher", str(folder), "--rank", "4"]) == 0
+    lora = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lora"]
+    assert causvid(list(map(str, [*gen, "--model", folder, "--lora", lora, "--out", tmp_path / "l.mp4"]))) == 0
+    assert (tmp_path / "s.mp4").stat().st_size > 0 and (tmp_path / "l.mp4").stat().st_size > 0

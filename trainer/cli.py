@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import PRESETS, apply_overrides, preset, validate
 
-STAGE_NAMES = ("vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
+STAGE_NAMES = ("text-embeds", "vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
                "dmd", "export", "lora", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
 
 
@@ -44,13 +45,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--note", help="publish: how the run departed from a straight run of its config (resumes with "
                                   "changed settings...), kept in PROVENANCE.json")
     p.add_argument("--rank", type=int, default=32, help="lora: the LoRA's rank (per layer, truncated SVD)")
-    p.add_argument("--teacher", help="lora: the base model (default: the run's teacher)")
+    p.add_argument("--teacher", help="your teacher (any file `causvid info` reads: a Wan2.1 folder, a ComfyUI repack); "
+                                     "lora: the base model (default: the run's teacher)")
+    p.add_argument("--vae", help="your teacher's VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
+    p.add_argument("--text-encoder", help="your text encoder (the Wan2.1 folder's umT5 with its tokenizer, ComfyUI's "
+                                          "umt5 file, or ours)")
+    p.add_argument("--prompts", help="the prompts to distil from: a prompt a line, JSONL or CSV")
+    p.add_argument("--videos", help="a folder of MP4s with caption .txt files (not read yet)")
     p.add_argument("--student", help="lora: the fine-tuned model (default: the run's exported student)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     try:
-        cfg = validate(apply_overrides(preset(args.preset), args.set))  # before any run folder is made
-    except ValueError as exc:
+        cfg = apply_overrides(preset(args.preset), args.set)
+        if args.stage not in ("lora",):
+            for name in ("vae", "text_encoder", "prompts", "videos"):
+                if getattr(args, name) is not None:
+                    setattr(cfg.inputs, name, str(getattr(args, name)))
+            if args.teacher is not None:
+                cfg.inputs.teacher = str(args.teacher)
+        validate(cfg)  # before any run folder is made
+        for name in ("teacher", "vae", "text_encoder", "prompts"):
+            path = getattr(cfg.inputs, name)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+    except (ValueError, FileNotFoundError) as exc:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
     try:

@@ -34,7 +34,24 @@ class LoopConfig:
 
 
 @dataclass
+class InputsConfig:
+    """A user's own models and data (`causvid-train ... --teacher --vae --text-encoder --prompts`): set, they
+    replace the Shapes World stages (vae, text, teacher) and the built-in data set's prompts."""
+    teacher: Optional[str] = None  # any file load_dit reads: a Wan2.1 folder, a ComfyUI repack, ours
+    vae: Optional[str] = None  # the Wan VAE (.pth or safetensors)
+    text_encoder: Optional[str] = None  # umT5 (Wan .pth with its tokenizer folder, ComfyUI's file) or ours
+    prompts: Optional[str] = None  # text (a prompt a line), JSONL ("prompt"/"text"/"caption") or CSV
+    videos: Optional[str] = None  # a folder of MP4s with caption sidecars (not read yet: see docs/training.md)
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None
+
+
+@dataclass
 class DataConfig:
+    height: int = 64  # pixel size of the generated clips (user-data runs; Shapes World is always 64)
+    width: int = 64
     clip_frames: int = 33  # pixel frames, 4k+1
     num_clips: int = 512  # pre-rendered training clips (latents cached for the DiT stages)
     seed: int = 1234
@@ -186,6 +203,7 @@ class StudentConfig:
 class TrainConfig:
     name: str = "shapes"
     seed: int = 0
+    inputs: InputsConfig = field(default_factory=InputsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStage = field(default_factory=VAEStage)
     vae_decoder: VAEDecoderStage = field(default_factory=VAEDecoderStage)
@@ -296,7 +314,21 @@ def wan_1_3b() -> TrainConfig:
     )
 
 
-PRESETS = {"micro": micro, "shapes": shapes, "wan-1.3b": wan_1_3b}
+def wan_tiny() -> TrainConfig:
+    """The user-data path (a teacher, VAE, text encoder and prompt file from outside) end to end on a CPU in
+    minutes, on tiny Wan-layout files: the same code the wan-1.3b recipe runs, at toy size."""
+    return TrainConfig(
+        name="wan-tiny",
+        data=DataConfig(height=32, width=32, clip_frames=9, num_clips=0),
+        ode_pairs=ODEPairsStage(num_pairs=4, teacher_steps=8, guidance=3.0, batch=2),
+        ode_init=ODEInitStage(steps=4, batch=2, lr=1e-3, log_every=2, ckpt_every=2),
+        dmd=DMDStage(steps=4, batch=2, lr=1e-3, lr_critic=1e-3, gen_every=2, guidance=3.0, ema=0.5,
+                     generator_input="rollout", log_every=2, ckpt_every=2),
+        student=StudentConfig(steps_preset="self-forcing-4step", chunk_frames=3),
+    )
+
+
+PRESETS = {"micro": micro, "shapes": shapes, "wan-1.3b": wan_1_3b, "wan-tiny": wan_tiny}
 
 
 def preset(name: str) -> TrainConfig:
@@ -320,8 +352,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(sub, LoopConfig):
             continue
         name = section.name
-        if not isinstance(sub.steps, int) or sub.steps < (1 if name in REQUIRED_LOOPS else 0):
-            low = 1 if name in REQUIRED_LOOPS else 0
+        required = name in REQUIRED_LOOPS and not (cfg.inputs.active and name in ("vae", "text", "teacher"))
+        if not isinstance(sub.steps, int) or sub.steps < (1 if required else 0):
+            low = 1 if required else 0
             problems.append(f"{name}.steps must be a whole number >= {low}, got {sub.steps!r}")
         for field_name in ("batch", "grad_accum", "log_every", "ckpt_every"):
             v = getattr(sub, field_name)
@@ -336,6 +369,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append(f"ode_pairs.num_pairs must be a whole number >= 1, got {op.num_pairs!r}")
     if not isinstance(op.teacher_steps, int) or op.teacher_steps < 4 or op.teacher_steps % 4:
         problems.append(f"ode_pairs.teacher_steps must be a multiple of 4, got {op.teacher_steps!r}")
+    if cfg.inputs.active:
+        absent = [f"--{n.replace('_', '-')}" for n in ("vae", "text_encoder", "prompts") if getattr(cfg.inputs, n) is None]
+        if absent:
+            problems.append(f"a run from your own teacher also needs {', '.join(absent)}")
+        if cfg.inputs.videos is not None:
+            problems.append("--videos is not read yet: distil from prompts alone (DMD generator_input=rollout)")
+        if cfg.dmd.generator_input != "rollout":
+            problems.append("dmd.generator_input must be rollout without a video set (there are no data latents)")
     if problems:
         raise ValueError("invalid training settings: " + "; ".join(problems))
     return cfg

@@ -106,3 +106,36 @@ def contrast_negatives(text_encoder, prompts: list[str], weight: float, words) -
     if not weight:
         return []
     return [encode(text_encoder, rivals) for rivals in contrast_prompts(prompts, words)]
+
+
+# -- a user's own teacher, text encoder and prompts (cfg.inputs) ------------------------------------------------
+
+def teacher_path(cfg: TrainConfig, root: str | Path) -> Path:
+    """The run's teacher: the user's file (--teacher), or the teacher stage's output."""
+    return Path(cfg.inputs.teacher) if cfg.inputs.active else require(root, teacher_stage(cfg))
+
+
+def text_source(cfg: TrainConfig, root: str | Path):
+    """What encodes prompts for a stage: the text-embeds stage's stored embeddings (a user run: the text encoder
+    is not loaded again), or the text stage's word encoder."""
+    if cfg.inputs.active:
+        from ..userdata import EmbeddingBank
+
+        folder = Path(root) / "text-embeds"
+        if not (folder / "DONE.json").exists():
+            raise FileNotFoundError(f"{folder} is not finished: run the text-embeds stage first")
+        return EmbeddingBank(folder)
+    from causvid_core.text import load_text_encoder
+
+    return load_frozen(require(root, "text"), load_text_encoder)
+
+
+def run_prompts(cfg: TrainConfig) -> list[str]:
+    from ..userdata import read_prompts
+
+    return read_prompts(cfg.inputs.prompts)[0]
+
+
+def latent_shape(cfg: TrainConfig, dcfg: DiTConfig) -> tuple[int, int, int, int]:
+    """[C, F, h, w] of a user run's clips: the Wan VAE's x4 time / x8 space."""
+    return dcfg.out_dim, (cfg.data.clip_frames - 1) // 4 + 1, cfg.data.height // 8, cfg.data.width // 8

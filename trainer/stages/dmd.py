@@ -20,14 +20,13 @@ from causvid_core.cache import KVCache
 from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.sampler import noise_seed
-from causvid_core.text import load_text_encoder
 
 from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun, autocast
 from ..schedules import update_ema
-from .common import (contrast_negatives, encode, grid_index, load_frozen, output, require, stage_dit, student_steps,
-                     teacher_stage)
+from .common import (contrast_negatives, encode, grid_index, latent_shape, output, require, run_prompts, stage_dit,
+                     student_steps, teacher_path, text_source)
 from .teacher import latent_set
 
 
@@ -78,16 +77,20 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc, chunk = cfg.dmd, cfg.student.chunk_frames
     shift, steps = student_steps(cfg)
     grid = FlowGrid(shift)
-    text = load_frozen(require(root, "text"), load_text_encoder)
-    teacher = teacher_stage(cfg)
-    gen = stage_dit(require(root, "ode-init" if sc.init == "ode-init" else teacher), sc.attention)
-    critic = stage_dit(require(root, teacher), sc.attention)
+    text = text_source(cfg, root)
+    teacher = teacher_path(cfg, root)
+    gen = stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention)
+    critic = stage_dit(teacher, sc.attention)
     real_causal = sc.real_score == "causal-teacher"
-    real = stage_dit(require(root, "causal-teacher" if real_causal else teacher), sc.attention, frozen=True)
+    real = stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
-    data = latent_set(cfg, root, r)
+    if cfg.inputs.active:  # prompts only: the rollout generator needs the clips' shape, no data
+        from ..userdata import PromptSet
+        data = PromptSet(run_prompts(cfg), latent_shape(cfg, gen.config))
+    else:
+        data = latent_set(cfg, root, r)
     objects = {"generator": gen, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_c": opt_c}
     start = r.resume(objects)
     from tqdm import tqdm

@@ -34,9 +34,11 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None, source: str = "dmd
         save_dit(student, root / "student.safetensors",
                  {META_STREAM: json.dumps(stream_settings(cfg)), "causvid.trained": json.dumps(
                      {"preset": cfg.name, "source": source})})
-        for part, name in ((vae_stage(cfg), "vae.safetensors"), ("text", "text.safetensors")):
-            tmp = root / (name + ".tmp")
-            shutil.copyfile(require(root, part), tmp)
-            os.replace(tmp, root / name)  # atomic: never a half-copied file under the final name
-    r.finish(student=str(root / "student.safetensors"), vae=str(root / "vae.safetensors"),
-             text=str(root / "text.safetensors"), source=source)
+        if not cfg.inputs.active:  # a user's own VAE and text encoder stay where they are
+            for part, name in ((vae_stage(cfg), "vae.safetensors"), ("text", "text.safetensors")):
+                tmp = root / (name + ".tmp")
+                shutil.copyfile(require(root, part), tmp)
+                os.replace(tmp, root / name)  # atomic: never a half-copied file under the final name
+    vae = cfg.inputs.vae if cfg.inputs.active else str(root / "vae.safetensors")
+    text = cfg.inputs.text_encoder if cfg.inputs.active else str(root / "text.safetensors")
+    r.finish(student=str(root / "student.safetensors"), vae=vae, text=text, source=source)

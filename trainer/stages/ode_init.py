@@ -9,14 +9,13 @@ import torch
 
 from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
-from causvid_core.text import load_text_encoder
 
 from ..adversarial import Adversary
 from ..config import TrainConfig
 from ..data import load_ode_pairs
 from ..losses import ode_regression_loss
 from ..run import StageRun, train_steps
-from .common import encode, load_frozen, output, require, stage_dit, student_steps, teacher_stage
+from .common import encode, output, stage_dit, student_steps, teacher_path, text_source
 from .matching import MatchingGame
 
 
@@ -29,8 +28,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     shift, _ = student_steps(cfg)
     states, prompts, timesteps = load_ode_pairs(root / "ode-pairs")  # [N, K+1, C, F, h, w]
     K = states.shape[1] - 1
-    text = load_frozen(require(root, "text"), load_text_encoder)
-    student = stage_dit(require(root, teacher_stage(cfg)), sc.attention)
+    text = text_source(cfg, root)
+    student = stage_dit(teacher_path(cfg, root), sc.attention)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(shift)
     ts = torch.tensor(timesteps, dtype=torch.float32)

@@ -11,12 +11,12 @@ import torch
 
 from causvid_core.checkpoints import load_dit
 from causvid_core.sampler import flow_sigmas, sample_bidirectional
-from causvid_core.text import load_text_encoder
 
 from ..config import TrainConfig
 from ..data import prompt_batch, save_ode_shard
 from ..run import StageRun, autocast
-from .common import contrast_negatives, dit_config, encode, load_frozen, require, student_steps, teacher_stage
+from .common import (contrast_negatives, dit_config, encode, latent_shape, load_frozen, run_prompts, student_steps,
+                     teacher_path, text_source)
 from .teacher import latent_set
 
 
@@ -41,13 +41,17 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc = cfg.ode_pairs
     shift, steps = student_steps(cfg)
     keep = keep_indices(sc.teacher_steps, shift, steps)
-    teacher = load_frozen(require(root, teacher_stage(cfg)), load_dit)
+    teacher = load_frozen(teacher_path(cfg, root), load_dit)
     if sc.compile:
         teacher.compile()
-    text = load_frozen(require(root, "text"), load_text_encoder)
-    dcfg = dit_config(cfg)
+    text = text_source(cfg, root)
+    user = cfg.inputs.active
+    dcfg = teacher.config if user else dit_config(cfg)
     F = (cfg.data.clip_frames - 1) // 4 + 1
-    hw = tuple(latent_set(cfg, root, r).latents.shape[-2:])  # encodes the data set if no stage has yet (restored runs)
+    if user:
+        hw, all_prompts = latent_shape(cfg, dcfg)[2:], run_prompts(cfg)
+    else:  # encodes the data set if no stage has yet (restored runs)
+        hw = tuple(latent_set(cfg, root, r).latents.shape[-2:])
     batches = range(0, sc.num_pairs, sc.batch)
     from tqdm import tqdm
     for b in tqdm(list(batches)[r.rank::r.world], desc="ode-pairs", disable=not r.is_main, dynamic_ncols=True):
@@ -55,7 +59,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         if path.exists():
             continue  # resumable: shards are written atomically, one per batch
         idx = list(range(b, min(b + sc.batch, sc.num_pairs)))
-        prompts = prompt_batch(cfg.data.seed + 1, idx)
+        prompts = [all_prompts[i % len(all_prompts)] for i in idx] if user else prompt_batch(cfg.data.seed + 1, idx)
         cond, uncond = encode(text, prompts), encode(text, [""] * len(idx))
         noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
         negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)

@@ -1,0 +1,120 @@
+"""A user's own data for distillation: a prompt file, its text embeddings computed once (the text encoder, umT5
+at 5.7B parameters, is never in memory while a DiT trains), and the prompt-only data set the stages sample.
+
+Prompt files: plain text (a prompt a line), JSONL (a "prompt", "text" or "caption" field) or CSV (a column of
+that name, else the first). Rows that cannot be read are counted and reported, never silently dropped.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from causvid_core.checkpoints import atomic_save_safetensors
+
+PROMPT_FIELDS = ("prompt", "text", "caption")
+EMBED_BATCH = 8
+SHARD_PROMPTS = 256
+
+
+def read_prompts(path: str | Path) -> tuple[list[str], list[str]]:
+    """(prompts, problems): every readable prompt in file order, and one line per row that was not."""
+    from causvid_core.validate import read_text
+
+    text = read_text(path, "--prompts")
+    p = Path(path)
+    prompts, problems = [], []
+    if p.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                value = next(row[k] for k in PROMPT_FIELDS if k in row) if isinstance(row, dict) else None
+            except (json.JSONDecodeError, StopIteration):
+                value = None
+            if isinstance(value, str) and value.strip():
+                prompts.append(value.strip())
+            else:
+                problems.append(f"{p.name} line {n}: no prompt (a JSON object with {'/'.join(PROMPT_FIELDS)})")
+    elif p.suffix.lower() == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        col = next((header.index(k) for k in PROMPT_FIELDS if k in header), None)
+        for n, row in enumerate(rows[1:] if col is not None else rows, start=2 if col is not None else 1):
+            value = row[col if col is not None else 0].strip() if len(row) > (col or 0) else ""
+            if value:
+                prompts.append(value)
+            else:
+                problems.append(f"{p.name} row {n}: empty prompt")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in the file" + (f" ({problems[0]})" if problems else ""))
+    return prompts, problems
+
+
+class EmbeddingBank:
+    """Text embeddings looked up by prompt, from the text-embeds stage's shards: the `encode` of a text encoder."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        index = json.loads((folder / "prompts.json").read_text())
+        self.rows: dict[str, Tensor] = {}
+        for shard, names in index["shards"].items():
+            tensors = load_file(str(folder / shard))
+            for i, prompt in enumerate(names):
+                self.rows[prompt] = tensors[f"e{i}"]
+        self.text_len, self.text_dim = index["text_len"], index["text_dim"]
+
+    def encode(self, prompts) -> Tensor:
+        """[B, text_len, text_dim] for prompts of the file (and the empty prompt of guidance)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        missing = [p for p in prompts if p not in self.rows]
+        if missing:
+            raise KeyError(f"no embedding for {missing[0]!r}: rerun the text-embeds stage for this prompt file")
+        return torch.stack([self.rows[p].float() for p in prompts])
+
+
+def embed_prompts(prompts: list[str], text_encoder, folder: Path, log=print) -> dict:
+    """Encode every distinct prompt (and "") once; shards of SHARD_PROMPTS embeddings, written atomically."""
+    unique = list(dict.fromkeys(["", *prompts]))
+    shards: dict[str, list[str]] = {}
+    dim = length = None
+    for s in range(0, len(unique), SHARD_PROMPTS):
+        names = unique[s:s + SHARD_PROMPTS]
+        rows = []
+        for b in range(0, len(names), EMBED_BATCH):
+            with torch.no_grad():
+                rows.append(text_encoder.encode(names[b:b + EMBED_BATCH]).float().cpu())
+        emb = torch.cat(rows)  # [n, L, D]
+        length, dim = emb.shape[1], emb.shape[2]
+        name = f"embeds_{s // SHARD_PROMPTS:05d}.safetensors"
+        atomic_save_safetensors({f"e{i}": emb[i].to(torch.bfloat16).contiguous() for i in range(len(names))},
+                                folder / name)
+        shards[name] = names
+        log(f"text-embeds: {min(s + SHARD_PROMPTS, len(unique))}/{len(unique)} prompts")
+    index = {"shards": shards, "text_len": length, "text_dim": dim, "prompts": len(prompts)}
+    tmp = folder / "prompts.json.part"
+    tmp.write_text(json.dumps(index))
+    tmp.replace(folder / "prompts.json")
+    return index
+
+
+class PromptSet:
+    """The data set of a prompt-only run: sample i is prompt i (cycling), with latents of the run's shape that
+    only give the stages their sizes (DMD's rollout generator input needs no data)."""
+
+    def __init__(self, prompts: list[str], shape: tuple[int, ...]):
+        self.prompts, self.shape = prompts, shape
+        self.latents = torch.zeros(1, *shape)  # [1, C, F, h, w]: its shape is what is read
+
+    def batch(self, idx: list[int]) -> tuple[Tensor, list[str]]:
+        return torch.zeros(len(idx), *self.shape), [self.prompts[i % len(self.prompts)] for i in idx]
