@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from causvid_core.checkpoints import load_dit
@@ -790,17 +791,18 @@ def test_a_lora_of_student_minus_teacher_reconstructs_within_its_printed_error(t
 
 def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
     """`causvid-train pipeline --preset wan-tiny --teacher --vae --text-encoder --prompts`: a Wan2.1 folder as the
-    teacher, a Wan VAE .pth, a text encoder and a prompt file with an unreadable row; text embeddings computed once,
+    teacher, a Wan VAE .pth, umT5 with its tokenizer and a prompt file with an unreadable row; text embeddings computed once,
     then ODE pairs, ODE init, DMD (rollout) and export; `causvid generate` makes a video from the student and from
     the teacher with the student's LoRA."""
     from causvid_core.cli import main as causvid
-    from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
     from causvid_core.vae import random_vae
     from conftest import tiny_model
     from safetensors.torch import save_file
     from trainer.cli import main as causvid_train
 
-    teacher = tiny_model(seed=4)
+    from test_umt5 import hf_umt5, train_tokenizer_json
+
+    teacher = tiny_model(seed=4, text_dim=32)  # the tiny umT5's width
     folder = tmp_path / "Wan2.1-T2V-tiny"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
@@ -810,8 +812,9 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
         "model_type": "t2v", "dim": c.dim, "ffn_dim": c.ffn_dim, "num_heads": c.num_heads, "num_layers": c.num_layers,
         "text_len": c.text_len, "in_dim": 16, "out_dim": 16, "freq_dim": c.freq_dim, "eps": 1e-6}))
     torch.save(random_vae("wan-tiny", seed=2).state_dict(), tmp_path / "Wan2.1_VAE.pth")
-    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=c.text_dim, text_len=c.text_len)).eval(),
-                      tmp_path / "text.safetensors")
+    umt5 = tmp_path / "umt5"  # a transformers umT5 folder with its tokenizer, as Wan2.1 repos ship google/umt5-xxl
+    hf_umt5(seed=6).save_pretrained(umt5)
+    train_tokenizer_json(umt5)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle moving right on a black background"}\n'
                        '{"prompt": "a blue square moving up on a gray background"}\n'
@@ -819,7 +822,7 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
                        '{"caption": "a green triangle moving left on a navy background"}\n')
     run_dir = tmp_path / "run"
     args = ["pipeline", "--preset", "wan-tiny", "--teacher", folder, "--vae", tmp_path / "Wan2.1_VAE.pth",
-            "--text-encoder", tmp_path / "text.safetensors", "--prompts", prompts, "--out", run_dir]
+            "--text-encoder", umt5, "--prompts", prompts, "--out", run_dir]
     assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "prompts.jsonl line 3" in err  # the unreadable row is reported
@@ -829,7 +832,7 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
         assert (run_dir / stage / "DONE.json").exists(), stage
     assert not (run_dir / "teacher").exists() and not (run_dir / "vae").exists()  # the user's own are used
 
-    gen = ["generate", "--vae", tmp_path / "Wan2.1_VAE.pth", "--text-encoder", tmp_path / "text.safetensors",
+    gen = ["generate", "--vae", tmp_path / "Wan2.1_VAE.pth", "--text-encoder", umt5,
            "--prompt", "a red circle moving right on a black background", "--width", "32", "--height", "32",
            "--frames", "9", "--quiet"]
     assert causvid(list(map(str, [*gen, "--model", run_dir / "student.safetensors", "--out", tmp_path / "s.mp4"]))) == 0
@@ -837,3 +840,46 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
     lora = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lora"]
     assert causvid(list(map(str, [*gen, "--model", folder, "--lora", lora, "--out", tmp_path / "l.mp4"]))) == 0
     assert (tmp_path / "s.mp4").stat().st_size > 0 and (tmp_path / "l.mp4").stat().st_size > 0
+
+
+
+def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys):
+    """--videos: a folder of clips with caption sidecars, one unreadable and one without a caption; the usable ones
+    are encoded once with the user's VAE, and DMD trains on them noised to the student's steps (CausVid)."""
+    from causvid_core import world
+    from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
+    from causvid_core.vae import random_vae, save_vae
+    from causvid_core.checkpoints import save_dit
+    from causvid_core.video_io import write_mp4
+    from conftest import tiny_model
+    from trainer.cli import main as causvid_train
+
+    teacher = tiny_model(seed=4)
+    save_dit(teacher, tmp_path / "teacher.safetensors")
+    save_vae(random_vae("wan-tiny", seed=2), tmp_path / "vae.safetensors")
+    c = teacher.config
+    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=c.text_dim, text_len=c.text_len)).eval(),
+                      tmp_path / "text.safetensors")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, prompt in enumerate(["a red circle moving right on a black background",
+                                "a blue square moving up on a gray background",
+                                "a green triangle moving left on a navy background"]):
+        spec = world.spec_from_prompt(prompt, np.random.default_rng(i))
+        write_mp4(videos / f"clip{i}.mp4", world.render(spec, 12))
+        (videos / f"clip{i}.txt").write_text(prompt)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    (videos / "broken.txt").write_text("a red circle moving right on a black background")
+    write_mp4(videos / "nocaption.mp4", np.zeros((9, 64, 64, 3), np.uint8))
+    (tmp_path / "prompts.txt").write_text("a yellow circle moving down on a black background\n")
+    run_dir = tmp_path / "run"
+    args = ["pipeline", "--preset", "wan-tiny", "--teacher", tmp_path / "teacher.safetensors", "--vae",
+            tmp_path / "vae.safetensors", "--text-encoder", tmp_path / "text.safetensors", "--prompts",
+            tmp_path / "prompts.txt", "--videos", videos, "--set", "dmd.generator_input=data", "--out", run_dir]
+    assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    done = json.loads((run_dir / "video-latents" / "DONE.json").read_text())
+    assert done["clips"] == 3 and done["unreadable"] == 2, done
+    assert "broken.mp4" in err and "nocaption.mp4" in err
+    assert json.loads((run_dir / "dmd" / "DONE.json").read_text())["generator_input"] == "data"
+    assert (run_dir / "student.safetensors").exists()

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from .config import PRESETS, apply_overrides, preset, validate
 
-STAGE_NAMES = ("text-embeds", "vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
+STAGE_NAMES = ("text-embeds", "video-latents", "vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
                "dmd", "export", "lora", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
 
 
@@ -51,7 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--text-encoder", help="your text encoder (the Wan2.1 folder's umT5 with its tokenizer, ComfyUI's "
                                           "umt5 file, or ours)")
     p.add_argument("--prompts", help="the prompts to distil from: a prompt a line, JSONL or CSV")
-    p.add_argument("--videos", help="a folder of MP4s with caption .txt files (not read yet)")
+    p.add_argument("--videos", help="a folder of videos with caption .txt files, or a CSV of path and caption: "
+                                    "encoded once; lets DMD use them (--set dmd.generator_input=data)")
     p.add_argument("--student", help="lora: the fine-tuned model (default: the run's exported student)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
@@ -64,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.teacher is not None:
                 cfg.inputs.teacher = str(args.teacher)
         validate(cfg)  # before any run folder is made
-        for name in ("teacher", "vae", "text_encoder", "prompts"):
+        for name in ("teacher", "vae", "text_encoder", "prompts", "videos"):
             path = getattr(cfg.inputs, name)
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")

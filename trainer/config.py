@@ -41,7 +41,7 @@ class InputsConfig:
     vae: Optional[str] = None  # the Wan VAE (.pth or safetensors)
     text_encoder: Optional[str] = None  # umT5 (Wan .pth with its tokenizer folder, ComfyUI's file) or ours
     prompts: Optional[str] = None  # text (a prompt a line), JSONL ("prompt"/"text"/"caption") or CSV
-    videos: Optional[str] = None  # a folder of MP4s with caption sidecars (not read yet: see docs/training.md)
+    videos: Optional[str] = None  # a folder of videos with caption .txt sidecars, or a CSV of path and caption
 
     @property
     def active(self) -> bool:
@@ -373,10 +373,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         absent = [f"--{n.replace('_', '-')}" for n in ("vae", "text_encoder", "prompts") if getattr(cfg.inputs, n) is None]
         if absent:
             problems.append(f"a run from your own teacher also needs {', '.join(absent)}")
-        if cfg.inputs.videos is not None:
-            problems.append("--videos is not read yet: distil from prompts alone (DMD generator_input=rollout)")
-        if cfg.dmd.generator_input != "rollout":
-            problems.append("dmd.generator_input must be rollout without a video set (there are no data latents)")
+        if cfg.inputs.videos is None and cfg.dmd.generator_input != "rollout":
+            problems.append("dmd.generator_input=data needs a video set (--videos): without one use rollout")
     if problems:
         raise ValueError("invalid training settings: " + "; ".join(problems))
     return cfg

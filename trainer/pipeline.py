@@ -9,10 +9,12 @@ from typing import Optional
 
 from .config import TrainConfig
 from .run import atomic_write_text
-from .stages import causal_teacher, dmd, export, ode_init, ode_pairs, teacher, text, text_embeds, vae, vae_decoder
+from .stages import (causal_teacher, dmd, export, ode_init, ode_pairs, teacher, text, text_embeds, vae, vae_decoder,
+                     video_latents)
 
 STAGES = {
     "text-embeds": text_embeds.run,
+    "video-latents": video_latents.run,
     "vae": vae.run,
     "vae-decoder": vae_decoder.run,
     "text": text.run,
@@ -34,10 +36,11 @@ def run_stage(name: str, cfg: TrainConfig, root: str | Path, accelerator=None) -
 
 def active_stages(cfg: TrainConfig) -> list[str]:
     """The stages this config runs, in order (the optional ones with steps 0 are left out)."""
-    if cfg.inputs.active:  # a user's teacher, VAE and text encoder: distillation from their prompts
-        return ["text-embeds", "ode-pairs", "ode-init", "dmd", "export"]
+    if cfg.inputs.active:  # a user's teacher, VAE and text encoder: distillation from their prompts (and clips)
+        videos = ["video-latents"] if cfg.inputs.videos is not None else []
+        return ["text-embeds", *videos, "ode-pairs", "ode-init", "dmd", "export"]
     off = {"vae-decoder": cfg.vae_decoder.steps <= 0, "causal-teacher": cfg.causal_teacher.steps <= 0,
-           "teacher-refine": cfg.teacher_refine.steps <= 0, "text-embeds": True}
+           "teacher-refine": cfg.teacher_refine.steps <= 0, "text-embeds": True, "video-latents": True}
     return [name for name in STAGES if not off.get(name, False)]
 
 

@@ -118,3 +118,82 @@ class PromptSet:
 
     def batch(self, idx: list[int]) -> tuple[Tensor, list[str]]:
         return torch.zeros(len(idx), *self.shape), [self.prompts[i % len(self.prompts)] for i in idx]
+
+
+# -- a video set: clips with captions, encoded once -------------------------------------------------------------
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+SHARD_CLIPS = 64
+
+
+def read_video_set(path: str | Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(clips as (file, caption), problems): a folder of videos each with a caption sidecar (same name, .txt), or a
+    CSV with a path column (`path`, `video`, `file`) and a caption column (`caption`, `prompt`, `text`)."""
+    from causvid_core.validate import read_text
+
+    p = Path(path)
+    items, problems = [], []
+    if p.is_dir():
+        for video in sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES):
+            side = video.with_suffix(".txt")
+            caption = read_text(side, "caption").strip() if side.exists() else ""
+            if caption:
+                items.append((video, caption))
+            else:
+                problems.append(f"{video.name}: no caption ({side.name} missing or empty)")
+    elif p.suffix.lower() == ".csv":
+        rows = list(csv.reader(io.StringIO(read_text(p, "--videos"))))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        pcol = next((header.index(k) for k in ("path", "video", "file") if k in header), None)
+        ccol = next((header.index(k) for k in ("caption", "prompt", "text") if k in header), None)
+        if pcol is None or ccol is None:
+            raise ValueError(f"--videos {p}: the CSV needs a path column and a caption column (header row)")
+        for n, row in enumerate(rows[1:], start=2):
+            if len(row) <= max(pcol, ccol) or not row[pcol].strip() or not row[ccol].strip():
+                problems.append(f"{p.name} row {n}: no path or no caption")
+                continue
+            video = (p.parent / row[pcol].strip()).resolve()
+            items.append((video, row[ccol].strip()))
+    else:
+        raise ValueError(f"--videos {p}: give a folder of videos with caption .txt files, or a CSV")
+    if not items:
+        raise ValueError(f"--videos {p}: no usable clips" + (f" ({problems[0]})" if problems else ""))
+    return items, problems
+
+
+def load_clip(path: Path, frames: int, height: int, width: int):
+    """uint8 [frames, height, width, 3]: the clip's first frames, scaled to cover and centre-cropped; ValueError
+    for a file that is not a video or is too short."""
+    import av
+    import numpy as np
+
+    from causvid_core.live.sources import fit
+
+    out = []
+    try:
+        with av.open(str(path)) as c:
+            for f in c.decode(video=0):
+                out.append(fit(f.to_ndarray(format="rgb24"), height, width))
+                if len(out) == frames:
+                    break
+    except (av.error.FFmpegError, OSError) as exc:
+        raise ValueError(f"{path.name}: not a readable video ({type(exc).__name__})") from None
+    if len(out) < frames:
+        raise ValueError(f"{path.name}: {len(out)} frames, {frames} needed")
+    return np.stack(out)
+
+
+class VideoLatentSet:
+    """The video-latents stage's shards: latents [N, C, F, h, w] and their captions."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        index = json.loads((folder / "clips.json").read_text())
+        parts = [load_file(str(folder / s))["latents"] for s in index["shards"]]
+        self.latents, self.prompts = torch.cat(parts).float(), index["captions"]
+
+    def batch(self, idx: list[int]) -> tuple[Tensor, list[str]]:
+        rows = [i % len(self.prompts) for i in idx]
+        return self.latents[rows], [self.prompts[i] for i in rows]

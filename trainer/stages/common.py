@@ -139,3 +139,11 @@ def run_prompts(cfg: TrainConfig) -> list[str]:
 def latent_shape(cfg: TrainConfig, dcfg: DiTConfig) -> tuple[int, int, int, int]:
     """[C, F, h, w] of a user run's clips: the Wan VAE's x4 time / x8 space."""
     return dcfg.out_dim, (cfg.data.clip_frames - 1) // 4 + 1, cfg.data.height // 8, cfg.data.width // 8
+
+
+def require_stage(root: str | Path, stage: str) -> Path:
+    """A finished stage's folder (for stages whose outputs are shards)."""
+    folder = Path(root) / stage
+    if not (folder / "DONE.json").exists():
+        raise FileNotFoundError(f"{folder} is not finished: run the {stage} stage first")
+    return folder

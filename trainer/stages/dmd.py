@@ -25,8 +25,8 @@ from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun, autocast
 from ..schedules import update_ema
-from .common import (contrast_negatives, encode, grid_index, latent_shape, output, require, run_prompts, stage_dit,
-                     student_steps, teacher_path, text_source)
+from .common import (contrast_negatives, encode, grid_index, latent_shape, output, require, require_stage, run_prompts,
+                     stage_dit, student_steps, teacher_path, text_source)
 from .teacher import latent_set
 
 
@@ -86,7 +86,10 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
-    if cfg.inputs.active:  # prompts only: the rollout generator needs the clips' shape, no data
+    if cfg.inputs.videos is not None:  # the user's clips: CausVid's data-noised generator input works
+        from ..userdata import VideoLatentSet
+        data = VideoLatentSet(require_stage(root, "video-latents"))
+    elif cfg.inputs.active:  # prompts only: the rollout generator needs the clips' shape, no data
         from ..userdata import PromptSet
         data = PromptSet(run_prompts(cfg), latent_shape(cfg, gen.config))
     else:

@@ -10,7 +10,7 @@ from causvid_core.pipeline import load_text
 
 from ..config import TrainConfig
 from ..run import StageRun
-from ..userdata import embed_prompts, read_prompts
+from ..userdata import embed_prompts, read_prompts, read_video_set
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -18,6 +18,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     if r.done:
         return
     prompts, problems = read_prompts(cfg.inputs.prompts)
+    if cfg.inputs.videos is not None:  # the video set's captions condition its clips
+        prompts = prompts + [caption for _, caption in read_video_set(cfg.inputs.videos)[0]]
     for line in problems:
         print(f"text-embeds: skipped {line}", file=sys.stderr)
     if r.is_main:
