@@ -116,9 +116,7 @@ def check_output(path: str | Path, what: str = "--out") -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise InputError(f"{what} {p}: {parent} is not a folder")
-    existing = next((a for a in [parent, *parent.parents] if a.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {p}: the folder {existing} is not writable: choose another place")
+    _check_writable(parent, p, what)
     return p
 
 
@@ -126,10 +124,15 @@ def check_output_dir(path: str | Path, what: str = "--out-dir") -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise InputError(f"{what} {p} exists and is not a folder: choose a folder path")
-    existing = next((a for a in [p, *p.parents] if a.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {p}: the folder {existing} is not writable: choose another place")
+    _check_writable(p, p, what)
     return p
+
+
+def _check_writable(folder: Path, target: Path, what: str) -> None:
+    """The nearest existing folder on the way to `folder` must let us create what is missing."""
+    existing = next((a for a in [folder, *folder.parents] if a.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {target}: the folder {existing} is not writable: choose another place")
 
 
 def _unreadable(t: Tensor) -> bool:

@@ -17,6 +17,18 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 CATEGORY = "causvid/stream"
 
 
+# the stream settings a model node may override (0: the model's or the preset's own)
+STREAM_WIDGETS = {
+    "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
+                                 "tooltip": "latent frames per chunk; 0 = the model's own (usually 3)"}),
+    "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
+                              "tooltip": "rolling KV window in latent frames for endless streams; 0 = the model's "
+                                         "own (built-in: 9) or, without one, keep all"}),
+    "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64,
+                            "tooltip": "first frames never evicted from the window (LongLive: 3)"}),
+}
+
+
 class LoadCausalModel:
     DESCRIPTION = ("A causal Wan DiT for streaming: the built-in Shapes World model (runs on a CPU, nothing to "
                    "download), or a Wan2.1 / CausVid / Self-Forcing / LongLive file from models/diffusion_models.")
@@ -31,13 +43,7 @@ class LoadCausalModel:
             "model_name": ([host.BUILTIN_NAME] + host.model_files(),),
             "dtype": (list(DTYPES), {"default": "auto",
                                      "tooltip": "auto: bfloat16 on a GPU that has it (else float32), float32 on the CPU"}),
-            "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
-                                         "tooltip": "latent frames per chunk; 0 = the model's own (3)"}),
-            "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
-                                      "tooltip": "rolling KV window in latent frames for endless streams; "
-                                                 "0 = the model's own (built-in: 9) or, without one, keep all"}),
-            "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64,
-                                    "tooltip": "first frames never evicted from the window (LongLive: 3)"}),
+            **STREAM_WIDGETS,
         }, "optional": {
             "lora_name": ([NO_LORA] + host.lora_files(), {
                 "default": NO_LORA, "tooltip": "a LoRA from models/loras (LongLive's, a CausVid LoRA), merged as the "
@@ -144,11 +150,7 @@ class CausalModelFromComfy:
             "model": ("MODEL",),
             "preset": (list(STREAM_PRESETS), {"default": "self-forcing",
                                               "tooltip": "the stream settings the causal model was made for"}),
-            "frames_per_chunk": ("INT", {"default": 0, "min": 0, "max": 21,
-                                         "tooltip": "latent frames per chunk; 0 = the preset's"}),
-            "window_frames": ("INT", {"default": 0, "min": 0, "max": 1024,
-                                      "tooltip": "rolling KV window for endless streams; 0 = the preset's"}),
-            "sink_frames": ("INT", {"default": 0, "min": 0, "max": 64}),
+            **STREAM_WIDGETS,
         }}
 
     def convert(self, model, preset, frames_per_chunk, window_frames, sink_frames):

@@ -96,6 +96,18 @@ def is_local(url: str) -> bool:
     return parsed.scheme in ("data", "blob") or parsed.hostname in LOCAL_HOSTS
 
 
+def local_only(report: dict):
+    """A playwright route handler: requests to the loopback host go through, others are aborted and recorded in
+    report["blocked"]."""
+    def route(r):
+        if is_local(r.request.url):
+            r.continue_()
+        else:
+            report["blocked"].append(r.request.url)
+            r.abort()
+    return route
+
+
 @pytest.fixture(scope="session")
 def chromium_executable() -> str:
     """The browser and its driver, checked before ComfyUI is started (the test names this fixture first)."""
@@ -116,13 +128,7 @@ def browser_page(chromium_executable):
     from playwright.sync_api import sync_playwright
 
     report = {"blocked": [], "page_errors": [], "console_errors": []}
-
-    def route(r):
-        if is_local(r.request.url):
-            r.continue_()
-        else:
-            report["blocked"].append(r.request.url)
-            r.abort()
+    route = local_only(report)
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_executable, headless=True, args=CHROMIUM_ARGS)

@@ -32,7 +32,7 @@ from causvid_core.live.recorder import SegmentRecorder
 from causvid_core.schedule import parse_schedule, snap_schedule
 from comfy_host import HOST, ROOT, comfy_any, comfy_server, comfy_server_2024, free_port  # noqa: F401 (fixtures)
 from test_browser import (CHROMIUM_ARGS, artifacts_dir, browser_page, chromium_executable,  # noqa: F401 (fixtures)
-                          click_queue, foreign_requests, is_local, load_workflow, open_comfyui)
+                          click_queue, foreign_requests, load_workflow, local_only, open_comfyui)
 
 RED = "a red circle moving right on a black background"
 BLUE = "a blue circle moving right on a black background"
@@ -137,13 +137,7 @@ def live_page(chromium_executable):
     from playwright.sync_api import sync_playwright
 
     report = {"blocked": [], "page_errors": []}
-
-    def route(r):
-        if is_local(r.request.url):
-            r.continue_()
-        else:
-            report["blocked"].append(r.request.url)
-            r.abort()
+    route = local_only(report)
 
     with sync_playwright() as pw:
         browsers = []
