@@ -16,6 +16,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 from torch import Tensor
 
@@ -224,6 +225,10 @@ class WanDiT(nn.Module):
         # the dtype activations run in when it is not the weights' (ComfyUI's fp8 storage with a cast per
         # layer: comfy_model.py); None: the weights' dtype
         self.compute_dtype_override: Optional[torch.dtype] = None
+        # training: keep only each block's input and recompute the block in the backward pass (activation
+        # checkpointing: far less memory for a little more compute); never for a KV-cached forward, whose
+        # cache writes must happen once
+        self.gradient_checkpointing = False
 
     # -- setup ---------------------------------------------------------------------------------
     def set_attention(self, backend: str | AttentionFn) -> None:
@@ -373,7 +378,12 @@ class WanDiT(nn.Module):
                                       for s, e_ in zip(starts, ends)], dim=2)
 
         frames = e0.shape[1]  # 1 (one timestep per sample) or f (per-frame timesteps)
+        checkpoint = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, frames, rope, attend, i, cross[i], attention)
+            if checkpoint:
+                tokens = torch.utils.checkpoint.checkpoint(blk, tokens, e0, frames, rope, attend, i, cross[i],
+                                                           attention, use_reentrant=False)
+            else:
+                tokens = blk(tokens, e0, frames, rope, attend, i, cross[i], attention)
         out = self.head(tokens, e, frames)
         return self.unpatchify(out, grid).float()

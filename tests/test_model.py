@@ -170,3 +170,21 @@ def test_bad_inputs_are_named():
         model(x, torch.tensor([1.0]), ctx[..., :5])
     with pytest.raises(ValueError, match=r"\[B, C, F, H, W\]"):
         model(x[0], torch.tensor([1.0]), ctx)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """gradient_checkpointing recomputes each block in the backward pass: the same loss and gradients, and a
+    KV-cached forward is never checkpointed (its cache writes happen once)."""
+    from conftest import tiny_model
+
+    x, t, ctx = torch.randn(1, 16, 6, 4, 4), torch.rand(1, 6) * 1000, torch.randn(1, 5, 24)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(seed=3).train()
+        model.gradient_checkpointing = ckpt
+        loss = model(x, t, ctx, chunk_frames=3).square().mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -875,7 +875,8 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     run_dir = tmp_path / "run"
     args = ["pipeline", "--preset", "wan-tiny", "--teacher", tmp_path / "teacher.safetensors", "--vae",
             tmp_path / "vae.safetensors", "--text-encoder", tmp_path / "text.safetensors", "--prompts",
-            tmp_path / "prompts.txt", "--videos", videos, "--set", "dmd.generator_input=data", "--out", run_dir]
+            tmp_path / "prompts.txt", "--videos", videos, "--set", "dmd.generator_input=data", "--out", run_dir,
+            "--set", "ode_init.checkpointing=true", "--set", "dmd.checkpointing=true"]  # activation checkpointing on
     assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     done = json.loads((run_dir / "video-latents" / "DONE.json").read_text())

@@ -31,6 +31,8 @@ class LoopConfig:
     autocast: bool = False
     # the attention kernel of the stage's DiTs ("sdpa" | "math"): a compute choice, not saved with the weights
     attention: str = "sdpa"
+    # activation checkpointing of the trained DiT's blocks (recomputed in the backward pass): for real Wan sizes
+    checkpointing: bool = False
 
 
 @dataclass

@@ -31,7 +31,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc, chunk = cfg.causal_teacher, cfg.student.chunk_frames
     text = load_frozen(require(root, "text"), load_text_encoder)
     data = latent_set(cfg, root, r)
-    model = stage_dit(require(root, teacher_stage(cfg)), sc.attention)
+    model = stage_dit(require(root, teacher_stage(cfg)), sc.attention, checkpointing=sc.checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)
     check_roll(cfg, root)

@@ -71,11 +71,14 @@ def new_dit(cfg: TrainConfig, attention: str = "sdpa") -> WanDiT:
     return model
 
 
-def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False) -> WanDiT:
+def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False, checkpointing: bool = False) -> WanDiT:
     """A DiT of an earlier stage running the given attention kernel (a stage's `attention`): in train mode
-    with gradients, or frozen (eval mode, no gradients)."""
+    with gradients (and activation checkpointing if asked), or frozen (eval mode, no gradients)."""
     model = load_dit(path, attention=attention)
-    return model.requires_grad_(False).eval() if frozen else model.train().requires_grad_(True)
+    if frozen:
+        return model.requires_grad_(False).eval()
+    model.gradient_checkpointing = checkpointing
+    return model.train().requires_grad_(True)
 
 
 def load_frozen(path: Path, loader) -> torch.nn.Module:

@@ -79,8 +79,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     grid = FlowGrid(shift)
     text = text_source(cfg, root)
     teacher = teacher_path(cfg, root)
-    gen = stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention)
-    critic = stage_dit(teacher, sc.attention)
+    gen = stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention,
+                   checkpointing=sc.checkpointing)
+    critic = stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing)
     real_causal = sc.real_score == "causal-teacher"
     real = stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)

@@ -29,7 +29,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     states, prompts, timesteps = load_ode_pairs(root / "ode-pairs")  # [N, K+1, C, F, h, w]
     K = states.shape[1] - 1
     text = text_source(cfg, root)
-    student = stage_dit(teacher_path(cfg, root), sc.attention)
+    student = stage_dit(teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(shift)
     ts = torch.tensor(timesteps, dtype=torch.float32)

@@ -77,6 +77,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     text = load_frozen(require(root, "text"), load_text_encoder)
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r))
     model = new_dit(cfg, sc.attention)
+    model.gradient_checkpointing = sc.checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if sc.ema else None
 
@@ -106,7 +107,7 @@ def refine(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                          f"({cfg.data.num_clips}), the teacher's own clips: refining on them adds nothing")
     text = load_frozen(require(root, "text"), load_text_encoder)
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r, sc.num_clips, REFINE_LATENTS))
-    model = stage_dit(require(root, "teacher"), sc.attention)
+    model = stage_dit(require(root, "teacher"), sc.attention, checkpointing=sc.checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema},
