@@ -884,3 +884,36 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     assert "broken.mp4" in err and "nocaption.mp4" in err
     assert json.loads((run_dir / "dmd" / "DONE.json").read_text())["generator_input"] == "data"
     assert (run_dir / "student.safetensors").exists()
+
+
+def test_killed_run_resumes_with_another_number_of_processes(micro_run, tmp_path):
+    """kill -9 of a one-process teacher run after a checkpoint, resumed by two gloo processes at the same global
+    batch: it ends with the weights of the uninterrupted one-process run (within the 1e-5 of two processes)."""
+    src = micro_run[0]
+    sets = ("teacher.steps=24", "teacher.batch=8", "teacher.ckpt_every=4", "teacher.log_every=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for d in (straight, resumed):
+        _copy_prereqs(src, d)
+    subprocess.run(_teacher_cmd(straight, *sets), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_teacher_cmd(resumed, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (resumed / "teacher" / "state.pt").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (resumed / "teacher" / "state.pt").exists() and not (resumed / "teacher" / "DONE.json").exists(), \
+        "the run was not killed mid-way"
+    step = torch.load(resumed / "teacher" / "state.pt", weights_only=True)["step"]
+    assert 0 < step < 24
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+              "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(resumed)]
+    for s in sets:
+        launch += ["--set", s]
+    r = subprocess.run(launch, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_dit(straight / "teacher" / "teacher.safetensors").state_dict()
+    b = load_dit(resumed / "teacher" / "teacher.safetensors").state_dict()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, f"max weight difference {worst} after resuming at step {step} with 2 processes"
