@@ -12,6 +12,7 @@ Lc context rows (>= text_len after zero-padding).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -369,7 +370,7 @@ class WanDiT(nn.Module):
                 def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                     return attention(q, k, v)
             else:
-                ends = (torch.tensor(chunk_sizes(f, chunk_frames)).cumsum(0) * T).tolist()
+                ends = [T * e for e in itertools.accumulate(chunk_sizes(f, chunk_frames))]  # host ints, no tensor
                 starts = [0] + ends[:-1]
 
                 def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -321,3 +321,40 @@ def test_a_live_session(kind, source):
                                                 c.index == 0 and session.submit_prompt(B)),))
         stats = session.run()
     assert stats.chunks == 4 and seen == [("cpu", torch.uint8)] * 4 and session.applied[-1] == (9, B)
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("generator_input", ["rollout", "data"])
+def test_a_dmd_step_on_the_device(kind, generator_input):
+    """The distillation step as trainer/stages/dmd.py runs it, with its inputs on the device (as the stage now
+    moves them): the student's rollout or data-noised pass, the guided real score, the critic and both losses:
+    nothing on the host is mixed in."""
+    from causvid_core.flow import FlowGrid, step_preset
+    from trainer.losses import critic_loss, dmd_generator_loss, guided_x0
+    from trainer.stages.dmd import generate_from_data, self_rollout
+
+    env = Env(kind)
+    gen, critic, real = (env.module(tiny_model(seed=s), torch.float32).train() for s in (1, 2, 3))
+    for m in (gen, critic):
+        m.requires_grad_(True)
+    real.requires_grad_(False)
+    shift, steps = step_preset("self-forcing-4step")
+    grid = FlowGrid(shift)
+    with env.context():
+        dev = env.device
+        x0_data = torch.randn(2, 16, 6, 4, 4, device=dev)
+        noise = torch.randn(2, 16, 6, 4, 4, device=dev)
+        cond, uncond = torch.randn(2, 5, 24, device=dev), torch.zeros(2, 5, 24, device=dev)
+        if generator_input == "rollout":
+            x_gen = self_rollout(gen, noise, cond, steps, grid, 3, [1, 3], lambda c, i, shape: torch.randn(shape).to(dev))
+        else:
+            x_gen = generate_from_data(gen, x0_data, noise, cond, steps, grid, 3, torch.rand(2, 2).to(dev))
+        t = torch.tensor([400.0, 700.0]).to(dev)
+        x_t = grid.add_noise(x_gen.detach(), torch.randn(2, 16, 6, 4, 4).to(dev), t)
+        with torch.no_grad():
+            x0_real = guided_x0(real, x_t, t, cond, uncond, 3.0, grid)
+            x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
+        loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
+        loss_c = critic_loss(critic, x_gen, torch.randn(2, 16, 6, 4, 4).to(dev), t, cond, grid)
+    # the backward passes are autograd's over these graphs (the fake device has no CUDA context to run them)
+    assert loss_g.device == dev and loss_c.device == dev and loss_g.requires_grad and loss_c.requires_grad

@@ -56,6 +56,12 @@ class StageRun:
         self._before = _read_json(self.seconds_path).get("seconds", 0.0) if self.seconds_path.exists() else 0.0
 
     @property
+    def device(self) -> torch.device:
+        """Where the stage's models and tensors go (the accelerator's: CUDA when there is one). Noise is drawn on
+        the CPU from (seed, step, sample), the same on every device, and moved."""
+        return self.acc.device
+
+    @property
     def is_main(self) -> bool:
         return self.acc.is_main_process
 

@@ -79,11 +79,12 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     grid = FlowGrid(shift)
     text = text_source(cfg, root)
     teacher = teacher_path(cfg, root)
+    dev = r.device
     gen = stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention,
-                   checkpointing=sc.checkpointing)
-    critic = stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing)
+                    checkpointing=sc.checkpointing).to(dev)
+    critic = stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing).to(dev)
     real_causal = sc.real_score == "causal-teacher"
-    real = stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True)
+    real = stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True).to(dev)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
@@ -103,28 +104,30 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         with autocast(sc.autocast, r.acc.device):  # backward inside too: its ops follow the forward's dtypes
             (idx,) = r.local_indices(step, sc.batch)
             x0_data, prompts = data.batch(idx)
+            x0_data = x0_data.to(dev)
             B, F = x0_data.shape[0], x0_data.shape[2]
             chunks = -(-F // chunk)
-            cond, uncond = encode(text, prompts), encode(text, [""] * B)
+            cond, uncond = encode(text, prompts).to(dev), encode(text, [""] * B).to(dev)
             torch.manual_seed(noise_seed(cfg.seed, step, r.rank))  # rollout re-noising: not tied to a sample
             metrics = {}
 
             def make_x_gen() -> torch.Tensor:
                 if sc.generator_input == "rollout":
                     exits = (r.rand(step, [0], (chunks,), purpose=5)[0] * len(steps)).long().clamp(max=len(steps) - 1)
-                    noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6)
+                    noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6).to(dev)
                     return self_rollout(gen, noise, cond, steps, grid, chunk, exits.tolist(),
-                                        lambda c, i, shape: torch.randn(shape))
-                return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6), cond,
-                                          steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5))
+                                        lambda c, i, shape: torch.randn(shape).to(dev))
+                return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6).to(dev),
+                                          cond, steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5).to(dev))
 
             if step % sc.gen_every == 0:
                 x_gen = make_x_gen()
-                t = grid_index(grid, r.rand(step, idx, purpose=7), sc.t_min, sc.t_max)
-                x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8), t)
+                t = grid_index(grid, r.rand(step, idx, purpose=7), sc.t_min, sc.t_max).to(dev)
+                x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8).to(dev), t)
                 with torch.no_grad():
                     tt = t.unsqueeze(1).expand(B, F) if real_causal else t
-                    negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
+                    negatives = [n.to(dev) for n in contrast_negatives(text, prompts, sc.active_contrast,
+                                                                       sc.contrast_words)]
                     x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
                                         chunk_frames=chunk if real_causal else None, negatives=negatives,
                                         contrast=sc.active_contrast)
@@ -139,8 +142,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                 metrics["loss_dmd"] = loss_g.item()
             with torch.no_grad():
                 x_gen = make_x_gen()
-            t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max)
-            loss_c = critic_loss(critic, x_gen, r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=10), t, cond, grid)
+            t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max).to(dev)
+            loss_c = critic_loss(critic, x_gen, r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=10).to(dev), t,
+                                 cond, grid)
             loss_c.backward()
             sync_grads(r.acc, critic)
             torch.nn.utils.clip_grad_norm_(critic.parameters(), sc.grad_clip)

@@ -36,15 +36,17 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
         rows = [i % len(prompts) for i in idx]
-        traj = states[rows].float()  # [B, K+1, C, F, h, w]
+        traj = states[rows].float()  # [B, K+1, C, F, h, w], on the CPU until the chunk states are picked
         F = traj.shape[3]
         chunks = -(-F // chunk)
         k = (r.rand(step, idx, (chunks,), purpose=4) * K).long().clamp(max=K - 1)  # [B, chunks]
         k_frames = k.repeat_interleave(chunk, dim=1)[:, :F]  # [B, F]
         b = torch.arange(len(idx)).unsqueeze(1)
-        x_t = traj[b, k_frames, :, torch.arange(F)].permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]
-        cond = encode(text, [prompts[i] for i in rows])
-        t = ts[k_frames]
+        dev = r.device
+        x_t = traj[b, k_frames, :, torch.arange(F)].permute(0, 2, 1, 3, 4).to(dev)  # [B, C, F, h, w]
+        cond = encode(text, [prompts[i] for i in rows]).to(dev)
+        t = ts[k_frames].to(dev)
+        traj = traj.to(dev)
         x0 = grid.flow_to_x0(m(x_t, t, cond, chunk_frames=chunk), x_t, t)
         loss = ode_regression_loss(x0, t, traj[:, K])
         if game is None:

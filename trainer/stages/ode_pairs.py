@@ -41,7 +41,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc = cfg.ode_pairs
     shift, steps = student_steps(cfg)
     keep = keep_indices(sc.teacher_steps, shift, steps)
-    teacher = load_frozen(teacher_path(cfg, root), load_dit)
+    dev = r.device
+    teacher = load_frozen(teacher_path(cfg, root), load_dit).to(dev)
     if sc.compile:
         teacher.compile()
     text = text_source(cfg, root)
@@ -60,15 +61,15 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
             continue  # resumable: shards are written atomically, one per batch
         idx = list(range(b, min(b + sc.batch, sc.num_pairs)))
         prompts = [all_prompts[i % len(all_prompts)] for i in idx] if user else prompt_batch(cfg.data.seed + 1, idx)
-        cond, uncond = encode(text, prompts), encode(text, [""] * len(idx))
-        noise = r.randn(0, idx, (dcfg.out_dim, F, *hw))
-        negatives = contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)
+        cond, uncond = encode(text, prompts).to(dev), encode(text, [""] * len(idx)).to(dev)
+        noise = r.randn(0, idx, (dcfg.out_dim, F, *hw)).to(dev)
+        negatives = [n.to(dev) for n in contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)]
         with autocast(sc.autocast, r.acc.device):
             _, kept = sample_bidirectional(teacher, noise, cond, uncond, steps=sc.teacher_steps, shift=shift,
                                            guidance=sc.guidance, keep=keep, negatives=negatives,
                                            contrast=sc.active_contrast, eta=sc.eta,
                                            step_noise=lambda i, idx=idx: r.randn(i + 1, idx, noise.shape[1:]))
-        states = torch.stack([kept[i] for i in keep], dim=1)  # [B, K+1, C, F, h, w]
+        states = torch.stack([kept[i] for i in keep], dim=1).cpu()  # [B, K+1, C, F, h, w]
         save_ode_shard(path, states, prompts, list(steps) + [0.0])
         r.save_seconds()
     r.acc.wait_for_everyone()
