@@ -358,3 +358,22 @@ def test_a_dmd_step_on_the_device(kind, generator_input):
         loss_c = critic_loss(critic, x_gen, torch.randn(2, 16, 6, 4, 4).to(dev), t, cond, grid)
     # the backward passes are autograd's over these graphs (the fake device has no CUDA context to run them)
     assert loss_g.device == dev and loss_c.device == dev and loss_g.requires_grad and loss_c.requires_grad
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_teacher_losses_on_the_device(kind, chunked):
+    """The teacher's and the causal teacher's flow-matching loss with their batch on the device (as the stages
+    now move it): bidirectional, and block-causal with per-chunk timesteps."""
+    from causvid_core.flow import FlowGrid
+    from trainer.losses import flow_matching_loss
+
+    env = Env(kind)
+    model = env.module(tiny_model(seed=1), torch.float32).train().requires_grad_(True)
+    with env.context():
+        dev = env.device
+        x0, noise = torch.randn(2, 16, 6, 4, 4).to(dev), torch.randn(2, 16, 6, 4, 4).to(dev)
+        t = (torch.rand(2, 6) * 1000 if chunked else torch.rand(2) * 1000).to(dev)
+        loss = flow_matching_loss(model, x0, noise, t, torch.randn(2, 5, 24).to(dev), FlowGrid(5.0),
+                                  **({"chunk_frames": 3} if chunked else {}))
+    assert loss.device == dev and loss.requires_grad

@@ -43,7 +43,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])
         noise = r.randn(step, idx, tuple(x0.shape[1:]))
         t = chunk_timesteps(grid, r.rand(step, idx, (-(-F // chunk),), purpose=3), F, chunk)
-        return flow_matching_loss(m, x0, noise, t, cond, grid, chunk_frames=chunk), {}
+        dev = r.device
+        return flow_matching_loss(m, x0.to(dev), noise.to(dev), t.to(dev), cond.to(dev), grid, chunk_frames=chunk), {}
 
     model = train_steps(r, sc, model, opt, loss_fn)
     if r.is_main:

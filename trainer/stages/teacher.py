@@ -63,7 +63,8 @@ def flow_matching_batches(cfg: TrainConfig, run: StageRun, text, data: LatentSet
         cond = encode(text, ["" if d else p for d, p in zip(drop.tolist(), prompts)])
         noise = run.randn(step, idx, tuple(x0.shape[1:]))
         t = grid_index(grid, run.rand(step, idx, purpose=3))
-        return flow_matching_loss(m, x0, noise, t, cond, grid), {}
+        dev = run.device  # drawn on the CPU (the same on every device), used where the model is
+        return flow_matching_loss(m, x0.to(dev), noise.to(dev), t.to(dev), cond.to(dev), grid), {}
 
     return loss_fn
 
