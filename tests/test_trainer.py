@@ -328,6 +328,17 @@ def _teacher_cmd(root: Path, *sets: str) -> list:
     return cmd
 
 
+def _two_processes(root: Path, sets, port: int) -> subprocess.CompletedProcess:
+    """The micro teacher stage in two gloo processes (accelerate launch)."""
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+              "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(root)]
+    for s in sets:
+        launch += ["--set", s]
+    return subprocess.run(launch, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def _losses(root: Path) -> list[tuple[int, float]]:
     rows = [json.loads(l) for l in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows]
@@ -439,13 +450,7 @@ def test_two_processes_end_with_the_weights_of_one(micro_run, tmp_path):
         _copy_prereqs(src, d)
     subprocess.run(_teacher_cmd(one, *sets), check=True, capture_output=True, timeout=600)
     subprocess.run(_teacher_cmd(accum, *sets, "teacher.grad_accum=2"), check=True, capture_output=True, timeout=600)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-              "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(two)]
-    for s in sets:
-        launch += ["--set", s]
-    r = subprocess.run(launch, capture_output=True, text=True, timeout=900, env=env)
+    r = _two_processes(two, sets, port=29533)
     assert r.returncode == 0, r.stderr[-3000:]
     w = {name: load_dit(d / "teacher" / "teacher.safetensors").state_dict() for name, d in
          (("one", one), ("two", two), ("accum", accum))}
@@ -905,13 +910,7 @@ def test_killed_run_resumes_with_another_number_of_processes(micro_run, tmp_path
         "the run was not killed mid-way"
     step = torch.load(resumed / "teacher" / "state.pt", weights_only=True)["step"]
     assert 0 < step < 24
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
-              "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(resumed)]
-    for s in sets:
-        launch += ["--set", s]
-    r = subprocess.run(launch, capture_output=True, text=True, timeout=900, env=env)
+    r = _two_processes(resumed, sets, port=29534)
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_dit(straight / "teacher" / "teacher.safetensors").state_dict()
     b = load_dit(resumed / "teacher" / "teacher.safetensors").state_dict()
