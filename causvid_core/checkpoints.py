@@ -357,6 +357,7 @@ def merge_lora(sd: dict[str, Tensor], lora: dict[str, Tensor], alpha: Optional[f
     underscored = {name[: -len(".weight")].replace(".", "_"): name[: -len(".weight")]
                    for name in sd if name.endswith(".weight")}
     pairs: dict[str, dict[str, Tensor]] = {}
+    unused: list[str] = []
     for k, v in lora.items():
         k = k.replace("_fsdp_wrapped_module.", "")
         for prefix in _LORA_PREFIXES:
@@ -372,10 +373,17 @@ def merge_lora(sd: dict[str, Tensor], lora: dict[str, Tensor], alpha: Optional[f
             pairs.setdefault(m.group(1), {})[part] = v
         elif k.endswith(".alpha"):
             pairs.setdefault(k[: -len(".alpha")], {})["alpha"] = v
+        else:
+            unused.append(k)
+    if unused:  # e.g. ComfyUI's .diff / .diff_b full-tensor patches: not applied here, and said so
+        import sys
+        print(f"LoRA: {len(unused)} keys are not LoRA pairs and are not applied (e.g. {unused[0]})", file=sys.stderr)
     for module, p in pairs.items():
         if "lora_A" not in p or "lora_B" not in p:
             raise CheckpointError(f"LoRA for {module} is missing lora_A or lora_B")
         target = module + ".weight"
+        if target not in sd:  # a diffusers-named LoRA (attn1.to_q, ffn.net.0.proj, ...)
+            target = next(iter(from_diffusers_keys({target: None})))
         if target not in sd:
             raise CheckpointError(f"LoRA targets {module}, which the base model does not have")
         A, B = p["lora_A"].float(), p["lora_B"].float()  # [r, in], [out, r]

@@ -167,13 +167,19 @@ def _prompts(args: argparse.Namespace):
     return [PromptEvent(0, args.prompt)]
 
 
-def _request(args: argparse.Namespace, prompts) -> "GenerationRequest":
-    from .generate import GenerationRequest
+def _read_inputs(args: argparse.Namespace) -> tuple:
+    """(image, video, clip to extend), each read once however many prompts share it."""
     from .video_io import read_image, read_video
 
-    image = _read_input(read_image, args.image, "--image") if args.image else None
-    video = _read_input(read_video, args.video, "--video") if args.video else None
-    extend = _read_input(read_video, args.extend, "--extend") if getattr(args, "extend", None) else None
+    return (_read_input(read_image, args.image, "--image") if args.image else None,
+            _read_input(read_video, args.video, "--video") if args.video else None,
+            _read_input(read_video, args.extend, "--extend") if getattr(args, "extend", None) else None)
+
+
+def _request(args: argparse.Namespace, prompts, inputs: Optional[tuple] = None) -> "GenerationRequest":
+    from .generate import GenerationRequest
+
+    image, video, extend = inputs if inputs is not None else _read_inputs(args)
     height, width = args.height, args.width
     if video is not None and height is None and width is None:
         height, width = video.shape[1:3]  # video-to-video keeps the input's size by default
@@ -192,10 +198,14 @@ def _read_input(reader, path: str, what: str):
     """An input image or video, or an InputError that names it (missing, not a picture, truncated, empty)."""
     from .validate import InputError
 
+    if Path(path).is_dir():
+        raise InputError(f"{what} {path} is a folder: give a file")
     if not Path(path).is_file():
         raise InputError(f"{what} {path}: no such file")
     try:
         return reader(path)
+    except MemoryError:
+        raise
     except Exception as exc:  # PIL and PyAV raise their own types for every kind of damage
         raise InputError(f"{what} {path}: not a readable {'image' if what == '--image' else 'video'} "
                          f"({type(exc).__name__}: {str(exc)[:120]})") from None
@@ -260,7 +270,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise InputError("give --out FILE.mp4")
             jobs = [(_prompts(args), check_output(args.out))]
         comps = _components(args)
-        requests = [(_request(args, prompts), out) for prompts, out in jobs]
+        inputs = _read_inputs(args)
+        requests = [(_request(args, prompts, inputs), out) for prompts, out in jobs]
         for req, _ in requests:
             _check_request(comps, req, args)
         for req, out in requests:
@@ -308,7 +319,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         by_chunk, notices = snap_schedule(prompts, layout)
         for n in notices:
             print(n, file=sys.stderr)
-        out = check_output_dir(args.out_dir)
+        out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stream.set_prompt(by_chunk[0])
         made, t0 = 0, time.perf_counter()
@@ -536,7 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit 2 on a usage error (a bad option, file or setting), 1 on a runtime failure, 130 on Ctrl-C; one line
     on stderr saying what to do, and a traceback only with --debug."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted before or after the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     name = f"causvid {args.command}"
     try:
         return args.func(args)

@@ -74,7 +74,7 @@ class LiveStream:
         src = _source(source, source_input, h, w, stream.settings.seed, lambda: bool(holder) and holder[0].stopped,
                       video)
         camera = src if isinstance(src, CameraSource) else None
-        session = LiveSession(stream, prompt, mode=mode, max_frames=int(seconds * FPS) or None,
+        session = LiveSession(stream, prompt, mode=mode, max_frames=max(1, round(seconds * FPS)) if seconds else None,
                               check=host.check_interrupt, source=src, strength=strength,
                               lead_s=None if camera else LEAD_S, encode=encode, image=state.pending_image)
         holder.append(session)

@@ -126,8 +126,8 @@ def prompt_warnings(encoder, prompts) -> list[str]:
     for p in prompts:
         if not p.strip():
             out.append("an empty prompt: the model gets no text to follow")
-        elif unknown is not None and unknown(p):
-            out.append(f"the built-in text encoder does not know {', '.join(map(repr, unknown(p)))} in {p!r}: "
+        elif unknown is not None and (dropped := unknown(p)):
+            out.append(f"the built-in text encoder does not know {', '.join(map(repr, dropped))} in {p!r}: "
                        "those words are dropped")
     return out
 

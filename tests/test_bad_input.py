@@ -155,6 +155,7 @@ def test_ctrl_c_during_generate_is_one_line_and_keeps_no_partial_file(files):
 # -- causvid-train -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, names", [("text.steps=-5", "text.steps"), ("dmd.steps=abc", "dmd.steps"),
+                                             ("dmd.steps=true", "dmd.steps"),
                                              ("teacher.lr=nan", "teacher.lr"), ("dmd.batch=0", "dmd.batch"),
                                              ("nosuch.steps=1", "nosuch")])
 def test_training_settings_are_refused_before_a_run_folder_is_made(capsys, tmp_path, override, names):
@@ -253,3 +254,24 @@ def test_causvid_stream_refuses_an_out_dir_that_is_a_file(capsys, files):
     code, err = run(capsys, causvid, "stream", "--prompt", PROMPT, "--out-dir", files / "keep.mp4", "--seconds", "1")
     assert_refused(code, err, "--out-dir")
     assert (files / "keep.mp4").read_bytes() == b"precious"
+
+
+def test_presets_and_own_inputs_that_do_not_go_together(capsys, tmp_path):
+    code, err = run(capsys, causvid_train, "pipeline", "--preset", "wan-1.3b", "--out", tmp_path / "a")
+    assert_refused(code, err, "--teacher")
+    code, err = run(capsys, causvid_train, "pipeline", "--preset", "micro", "--out", tmp_path / "b", "--prompts",
+                    tmp_path / "p.txt")
+    assert_refused(code, err, "--teacher")
+    for name in ("t", "v", "x", "p.txt"):
+        (tmp_path / name).write_text("x")
+    code, err = run(capsys, causvid_train, "pipeline", "--preset", "shapes", "--out", tmp_path / "c", "--teacher",
+                    tmp_path / "t", "--vae", tmp_path / "v", "--text-encoder", tmp_path / "x", "--prompts",
+                    tmp_path / "p.txt")
+    assert_refused(code, err, "wan-tiny")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+
+
+def test_debug_is_taken_after_the_command_too(capsys, files):
+    code, err = run(capsys, causvid, "generate", "--prompt", PROMPT, "--steps", "500,750", "--out", files / "k.mp4",
+                    "--debug")
+    assert code == 2 and "unrecognized" not in err

@@ -946,3 +946,17 @@ def test_a_diffusers_pipeline_folder_loads(tmp_path):
     loaded = load_dit(folder)
     x, t, ctx = torch.randn(1, 16, 2, 4, 4), torch.tensor([300.0]), torch.randn(1, 5, cfg.text_dim)
     torch.testing.assert_close(loaded(x, t, ctx), model(x, t, ctx))
+
+
+
+def test_a_diffusers_named_lora_applies_to_wan_names(tmp_path):
+    """A LoRA saved under diffusers' names (transformer.blocks.0.attn1.to_q.lora_A ...) merges into Wan's weights."""
+    from causvid_core.checkpoints import merge_lora
+
+    model = _wanlike(5)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    w = sd["blocks.0.self_attn.q.weight"]
+    a, b = torch.randn(2, w.shape[1]), torch.randn(w.shape[0], 2)
+    merge_lora(sd, {"transformer.blocks.0.attn1.to_q.lora_A.weight": a,
+                    "transformer.blocks.0.attn1.to_q.lora_B.weight": b})
+    torch.testing.assert_close(sd["blocks.0.self_attn.q.weight"], w + b @ a)

@@ -135,8 +135,6 @@ def _run(args, cfg) -> int:
             print(f"causvid-train: {exc}", file=sys.stderr)
             return 2
     elif args.stage == "lora":
-        from pathlib import Path
-
         from causvid_core.checkpoints import load_dit
         from causvid_core.lora_export import extract_lora, save_lora
 

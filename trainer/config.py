@@ -371,10 +371,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append(f"ode_pairs.num_pairs must be a whole number >= 1, got {op.num_pairs!r}")
     if not isinstance(op.teacher_steps, int) or op.teacher_steps < 4 or op.teacher_steps % 4:
         problems.append(f"ode_pairs.teacher_steps must be a multiple of 4, got {op.teacher_steps!r}")
+    given = [n for n in ("vae", "text_encoder", "prompts", "videos") if getattr(cfg.inputs, n) is not None]
+    if given and not cfg.inputs.active:
+        problems.append(f"--{given[0].replace('_', '-')} is for distilling your own teacher: pass --teacher too")
+    if not cfg.inputs.active and cfg.teacher.steps == 0:
+        problems.append(f"the {cfg.name} preset trains no teacher: pass your own with --teacher (and --vae, "
+                        "--text-encoder, --prompts)")
     if cfg.inputs.active:
         absent = [f"--{n.replace('_', '-')}" for n in ("vae", "text_encoder", "prompts") if getattr(cfg.inputs, n) is None]
         if absent:
             problems.append(f"a run from your own teacher also needs {', '.join(absent)}")
+        if cfg.ode_init.adv_weight or cfg.ode_pairs.active_contrast or cfg.dmd.active_contrast:
+            problems.append(f"the {cfg.name} preset's Shapes World extras (ode_init.adv_weight, contrast guidance) "
+                            "do not apply to your own data: use --preset wan-tiny, or set them to 0")
         if cfg.inputs.videos is None and cfg.dmd.generator_input != "rollout":
             problems.append("dmd.generator_input=data needs a video set (--videos): without one use rollout")
     if problems:
@@ -384,7 +393,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 def _typed(value: Any, current: Any, item: str) -> Any:
     """An override's value, checked against the field's current value's type (int, float, bool, str, list)."""
-    if current is None or isinstance(value, type(current)) or (isinstance(current, float) and
+    if isinstance(value, bool) != isinstance(current, bool) and current is not None:
+        pass  # true/false for a number (bool is an int in Python), or a number for a flag: refused below
+    elif current is None or isinstance(value, type(current)) or (isinstance(current, float) and
                                                                  isinstance(value, int) and not isinstance(value, bool)):
         return float(value) if isinstance(current, float) and not isinstance(value, bool) else value
     if isinstance(current, tuple) and isinstance(value, list):

@@ -74,7 +74,7 @@ class StageRun:
         files = _read_json(self.done_path).get("files", {})  # runs finished before files were recorded: none
         for name, want in files.items():
             path = self.dir / name
-            if not path.exists() or path.stat().st_size != want["size"] or file_hash(path) != want["sha256"]:
+            if not path.exists() or not file_matches(path, want):
                 raise StageStateError(f"{path} is not the file the {self.name!r} stage finished with (missing, "
                                       f"truncated or changed): delete {self.dir} to run the stage again")
         return True
@@ -167,7 +167,7 @@ class StageRun:
         if self.is_main:
             self.save_seconds()
             skip = {self.done_path.name, self.seconds_path.name, self.metrics_path.name, self.state_path.name}
-            files = {p.name: {"size": p.stat().st_size, "sha256": file_hash(p)} for p in sorted(self.dir.iterdir())
+            files = {p.name: file_record(p) for p in sorted(self.dir.iterdir())
                      if p.is_file() and p.name not in skip and not p.name.endswith(".part")}
             done = {"stage": self.name, **outputs, "seconds": round(self.seconds, 1), "files": files}
             atomic_write_text(self.done_path, json.dumps(done, indent=2))
@@ -176,6 +176,20 @@ class StageRun:
 
 class StageStateError(RuntimeError):
     """A run folder's state (checkpoint, DONE.json, outputs) is damaged; the message says what to delete."""
+
+
+def file_record(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_hash(path)}
+
+
+def file_matches(path: Path, want: dict) -> bool:
+    """The file is the one recorded: its size, then (only when its modification time moved) its hash. A large
+    checkpoint is hashed once, not at every check."""
+    st = path.stat()
+    if st.st_size != want["size"]:
+        return False
+    return st.st_mtime_ns == want.get("mtime_ns") or file_hash(path) == want["sha256"]
 
 
 def file_hash(path: Path) -> str:

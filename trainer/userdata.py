@@ -79,7 +79,8 @@ class EmbeddingBank:
             prompts = [prompts]
         missing = [p for p in prompts if p not in self.rows]
         if missing:
-            raise KeyError(f"no embedding for {missing[0]!r}: rerun the text-embeds stage for this prompt file")
+            raise ValueError(f"no stored embedding for {missing[0]!r}: the prompt file changed since the text-embeds "
+                             "stage finished; delete the run's text-embeds folder to encode it again")
         return torch.stack([self.rows[p].float() for p in prompts])
 
 

@@ -36,7 +36,7 @@ def bench_live(seconds: float = 600.0, model_path: Optional[str] = None, size: i
                lead_s: Optional[float] = LEAD_S) -> dict:
     comps, source = _stream_components(model_path)
     fields = {**comps.stream_defaults, "max_frames": None}
-    if not fields.get("window_frames"):
+    if not fields.get("window_frames") and not fields.get("kv_recompute_frames"):
         fields["window_frames"], fields["sink_frames"] = DEFAULT_WINDOW
     sf = comps.vae.config.space_factor
 

@@ -172,7 +172,7 @@ export function createLivePlayer(root, { base, node = null, controls = true, siz
     octx.drawImage(item.bitmap, 0, 0, output.width, output.height);
     const inp = inputs.get(item.frame);
     if (inp?.bitmap) ictx.drawImage(inp.bitmap, 0, 0, input.width, input.height);
-    inputs.delete(item.frame);
+    for (const f of inputs.keys()) if (f <= item.frame) inputs.delete(f);  // also inputs of dropped outputs
     p.framesShown++;
     if (p.framesShown % FPS === 0) showStats();
   }, 1000 / FPS);
@@ -180,12 +180,16 @@ export function createLivePlayer(root, { base, node = null, controls = true, siz
   async function startCamera(width, height) {
     stopCamera();
     try {
+      const session = p.session;
       const media = await navigator.mediaDevices.getUserMedia({ video: { width, height }, audio: false });
+      if (closed || p.session !== session || !p.running) {  // the stream ended while permission was asked
+        media.getTracks().forEach((t) => t.stop());
+        return;
+      }
       const video = el("video", {}, { muted: true, playsInline: true, srcObject: media });
       await video.play();
       const grab = el("canvas", {}, { width, height });
       const g = grab.getContext("2d");
-      const session = p.session;
       camera = { media, timer: setInterval(() => {
         if (!ws || ws.readyState !== WebSocket.OPEN || p.session !== session || !p.running) return;
         g.drawImage(video, 0, 0, width, height);

@@ -98,8 +98,8 @@ class LiveServer:
         if not origin_ok(request):
             return self.hub._error(403, "requests are accepted only from this server's own page")
         body = await self.hub._body(request)
-        if self.session is not None and not self.session.stopped:
-            return self.hub._error(409, "a stream is running: stop it first")
+        if (self.session is not None and not self.session.stopped) or (self._thread and self._thread.is_alive()):
+            return self.hub._error(409, "a stream is running (or finishing its last chunk): stop it first")
         seed = body.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             return self.hub._error(400, "seed must be a whole number >= 0")

@@ -34,7 +34,7 @@ def require(root: str | Path, stage: str) -> Path:
     """An earlier stage's output, checked against what that stage finished with (DONE.json's size and hash)."""
     import json
 
-    from ..run import StageStateError, file_hash
+    from ..run import StageStateError, file_matches
 
     p = output(root, stage)
     if not p.exists():
@@ -44,7 +44,7 @@ def require(root: str | Path, stage: str) -> Path:
         want = json.loads(done.read_text()).get("files", {}).get(p.name) if done.exists() else None
     except (OSError, ValueError):
         want = None  # the producing stage's own check names a damaged DONE.json
-    if want is not None and (p.stat().st_size != want["size"] or file_hash(p) != want["sha256"]):
+    if want is not None and not file_matches(p, want):
         raise StageStateError(f"{p} is not the file the {stage!r} stage finished with (truncated or changed): "
                               f"delete {p.parent} to run that stage again")
     return p
