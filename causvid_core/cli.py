@@ -298,7 +298,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from .generate import latent_size
     from .schedule import ScheduleError, snap_schedule
     from .stream import CausalStream, StreamSettings
-    from .validate import check_output_dir
+    from .validate import check_memory, check_output_dir
     from .video_io import to_uint8, write_mp4
 
     try:
@@ -311,9 +311,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
             fields["window_frames"] = 12
             fields.setdefault("sink_frames", 3)
         settings = StreamSettings.from_fields(fields)
-        stream = CausalStream(comps.model, settings, latent_hw=latent_size(comps, args.height or 64, args.width or 64),
+        height, width = (64 if args.height is None else args.height), (64 if args.width is None else args.width)
+        stream = CausalStream(comps.model, settings, latent_hw=latent_size(comps, height, width),
                               vae=comps.vae, text_encoder=comps.text_encoder,
                               device=next(comps.model.parameters()).device)
+        check_memory(stream.memory_needed(), f"a {width}x{height} stream", args.allow_large, stream.device)
         layout_len = 1 + max(p.frame for p in prompts) // 4 + settings.chunk_frames
         layout = [settings.chunk_size(i) for i in range(layout_len)]
         by_chunk, notices = snap_schedule(prompts, layout)
@@ -349,10 +351,11 @@ def cmd_live(args: argparse.Namespace) -> int:
     from .live.session import LEAD_S
     from .live.sources import VideoFileSource
     from .stream import CausalStream, StreamSettings
+    from .validate import check_memory
 
     try:
         comps = _components(args)
-        hw = latent_size(comps, args.height or 64, args.width or 64)
+        hw = latent_size(comps, 64 if args.height is None else args.height, 64 if args.width is None else args.width)
         fields = {**comps.stream_defaults, **_settings(args), "max_frames": None}
         if not fields.get("window_frames") and not fields.get("kv_recompute_frames"):  # endless: LongLive's window
             fields["window_frames"] = 12
@@ -363,7 +366,8 @@ def cmd_live(args: argparse.Namespace) -> int:
             return CausalStream(comps.model, StreamSettings.from_fields({**fields, "seed": seed}), latent_hw=hw,
                                 vae=comps.vae, text_encoder=comps.text_encoder, device=device)
 
-        make_stream(0)  # settings errors now, not at the first click
+        first = make_stream(0)  # settings errors now, not at the first click
+        check_memory(first.memory_needed(), f"a {hw[1] * 8}x{hw[0] * 8} live stream", args.allow_large, first.device)
         if not 0 < args.strength <= 1:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
         size = (hw[0] * comps.vae.config.space_factor, hw[1] * comps.vae.config.space_factor)

@@ -275,3 +275,11 @@ def test_debug_is_taken_after_the_command_too(capsys, files):
     code, err = run(capsys, causvid, "generate", "--prompt", PROMPT, "--steps", "500,750", "--out", files / "k.mp4",
                     "--debug")
     assert code == 2 and "unrecognized" not in err
+
+
+def test_stream_and_live_check_memory_too(capsys, files, monkeypatch):
+    monkeypatch.setattr("causvid_core.validate.physical_memory", lambda: 24 * 2 ** 30)
+    code, err = run(capsys, causvid, "stream", "--prompt", PROMPT, "--width", "1000000", "--out-dir", files / "s")
+    assert_refused(code, err, "--allow-large")
+    code, err = run(capsys, causvid, "live", "--width", "1000000", "--out-dir", files / "l")
+    assert_refused(code, err, "--allow-large")
