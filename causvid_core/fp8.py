@@ -81,7 +81,8 @@ def keep_fp8(model: nn.Module, sd: dict[str, Tensor], compute_dtype: torch.dtype
         if not isinstance(layer, nn.Linear) or w is None or w.dtype not in FP8_DTYPES:
             continue
         scale_key = next((f"{name}{s}" for s in SCALE_SUFFIXES if f"{name}{s}" in sd), None)
-        scale = _scale_for(sd.pop(scale_key), w, scale_key, where) if scale_key else torch.ones(())
+        scale = _scale_for(sd.pop(scale_key), w, scale_key, where) if scale_key \
+            else torch.ones((), dtype=torch.float32, device=w.device)
         file_scales.discard(scale_key)
         sd[f"{name}.scale_weight"] = scale
         cast = CastLinear(layer.in_features, layer.out_features, layer.bias is not None, tuple(scale.shape))

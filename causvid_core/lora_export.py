@@ -63,7 +63,7 @@ def extract_lora(base: dict[str, Tensor], tuned: dict[str, Tensor], rank: int) -
         name = LORA_PREFIX + key[: -len(".weight")]
         lora[f"{name}.lora_up.weight"] = up
         lora[f"{name}.lora_down.weight"] = down
-        lora[f"{name}.alpha"] = torch.tensor(float(r))
+        lora[f"{name}.alpha"] = torch.tensor(float(r), dtype=torch.float32, device=up.device)
     norm = math.sqrt(total) or 1.0
     report = LoraReport(layers, rank, math.sqrt(lin_resid + other) / norm,
                         math.sqrt(lin_resid) / (math.sqrt(lin_total) or 1.0), other / (total or 1.0))

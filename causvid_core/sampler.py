@@ -28,6 +28,12 @@ def noise_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
+def model_dtype(model) -> torch.dtype:
+    """The dtype a model computes in, and so its KV cache's: its compute dtype where it has one (fp8 storage,
+    ComfyUI's manual cast), else its parameters'."""
+    return getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
+
+
 def seeded_noise(seed: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> NoiseFn:
     """Noise for chunk c, step s derived from (seed, c, s) alone: one call or chunk-at-a-time, same stream.
 
@@ -50,8 +56,7 @@ def denoise_chunk(model, x: Tensor, context: Tensor, steps: Sequence[float], gri
     fixed [B, C, k, H, W]: the chunk's first k frames are known clean latents (image-to-video with a
     chunk-multiple layout): they enter every pass at t = 0 and are kept in x0. The chunk's cache slots
     hold the last pass; the caller runs the t = 0 refresh. callback(i, x0) runs after step i (progress,
-    previews of x0,
-    interruption: an exception there leaves the caller's state as it was before the chunk)."""
+    previews of x0, interruption: an exception there leaves the caller's state as it was before the chunk)."""
     B, f = x.shape[0], x.shape[2]
     k = 0 if fixed is None else fixed.shape[2]
     x0 = x
@@ -211,7 +216,7 @@ def sample_causal_teacher(model, noise: Tensor, cond: Tensor, uncond: Optional[T
     of them at t = 0."""
     B, F = noise.shape[0], noise.shape[2]
     T = model.config.tokens_per_frame(*noise.shape[-2:])
-    dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
+    dtype = model_dtype(model)
 
     def make_cache() -> KVCache:
         if window_frames:

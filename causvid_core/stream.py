@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .flow import FlowGrid, step_preset
-from .sampler import denoise_chunk, seeded_noise
+from .sampler import denoise_chunk, model_dtype, seeded_noise
 from .schedule import SWITCH_MODES, latent_to_pixel
 from .validate import check_finite_chunk
 from .vae import decode_memory
@@ -135,7 +135,7 @@ class CausalStream:
         self.model, self.settings = model, settings
         self.vae, self.text_encoder = vae, text_encoder
         self.device = torch.device(device)
-        self.dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
+        self.dtype = model_dtype(model)
         cfg = model.config
         self.batch, self.latent_hw = batch, tuple(latent_hw)
         self.channels = cfg.out_dim
