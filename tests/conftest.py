@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,27 @@ from causvid_core.config import DiTConfig
 from causvid_core.model import WanDiT
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CAUSVID_SHARED", ROOT.parent / "shared"))
+
+
+def _find_shared() -> Path:
+    """CAUSVID_SHARED, else shared/ beside the checkout, else (a clean `git clone .` elsewhere) beside the local
+    checkout it was cloned from. The first candidate is returned when none exists, for the error message."""
+    if "CAUSVID_SHARED" in os.environ:
+        return Path(os.environ["CAUSVID_SHARED"])
+    beside = ROOT.parent / "shared"
+    if beside.is_dir():
+        return beside
+    try:
+        origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and Path(origin).is_dir() and (Path(origin).resolve().parent / "shared").is_dir():
+        return Path(origin).resolve().parent / "shared"
+    return beside
+
+
+SHARED = _find_shared()
 PARITY_JSON = SHARED / "parity" / "wan-tiny-seed0.json"
 MANIFESTS = SHARED / "parity" / "wan_manifests.json"
 
