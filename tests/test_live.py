@@ -241,7 +241,13 @@ def test_camera_frames_from_a_page_are_restyled_and_bad_ones_do_not_break_the_st
                 ws, lambda f, t: sum(h["kind"] == "out" for h, _ in f) >= 21 and sum(m["type"] == "error" for m in t) >= 4)
             await http.post(url("/live/stop"), json={"session": sid})
             _, ended = await _receive_until(ws, lambda f, t: any(m["type"] == "ended" for m in t))
+            # the page's camera runs on a moment after the end: its frames are dropped, not called an error
+            await ws.send_bytes(pack_frame({"session": sid}, _jpeg((200, 30, 30))))
+            await ws.send_bytes(b"abc")  # a marker: the answer to this frame comes after the one above
+            _, late = await _receive_until(ws, lambda f, t: any(m["type"] == "error" for m in t))
             await ws.close()
+            late_errors = [m["error"] for m in late if m["type"] == "error"]
+            assert len(late_errors) == 1 and "does not take a camera" not in late_errors[0], late_errors
             return frames, texts + ended
 
     frames, texts = asyncio.run(scenario())

@@ -292,10 +292,10 @@ class LiveHub:
         except ValueError as exc:
             return str(exc)
         entry = self.sessions.get(header.get("session")) if isinstance(header.get("session"), str) else None
+        if entry is not None and entry.session.stopped:
+            return None  # frames still in flight when the stream ended (finish() has let go of its camera)
         if entry is None or entry.camera is None:
             return "a camera frame for a stream that does not take a camera"
-        if entry.session.stopped:
-            return None  # frames still in flight when the stream ended
         return entry.camera.put(payload)
 
     async def _send_loop(self, page: _Page) -> None:
