@@ -538,8 +538,10 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
         raise
 
 
-def save_dit(model, path: str | os.PathLike, extra_metadata: Optional[dict[str, str]] = None) -> None:
-    """Our own format: Wan keys + the config in the metadata, so loading needs no guessing."""
+def save_dit(model, path: str | os.PathLike, extra_metadata: Optional[dict[str, str]] = None,
+             state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Our own format: Wan keys + the config in the metadata, so loading needs no guessing. state_dict: the
+    weights when the model's own are not whole tensors (a sharded model's, gathered)."""
     meta = {META_FORMAT: FORMAT_TAG, META_KIND: "dit", META_CONFIG: model.config.to_json()}
     meta.update(extra_metadata or {})
-    atomic_save_safetensors(model.state_dict(), path, meta)
+    atomic_save_safetensors(model.state_dict() if state_dict is None else state_dict, path, meta)

@@ -143,6 +143,23 @@ class CrossAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, L, D))
 
 
+class CrossKV:
+    """One context's cross-attention K/V, layer by layer. Each block makes its own inside its forward, where
+    its weights are (a block sharded by FSDP has them gathered only there), and keeps it in `store` (a KV
+    cache's per-layer list: made once per prompt) when there is one."""
+
+    def __init__(self, ctx: Optional[Tensor], ctx_img: Optional[Tensor], store: Optional[list] = None):
+        self.ctx, self.ctx_img, self.store = ctx, ctx_img, store  # ctx [B, Lc, D] (None: every layer stored)
+
+    def layer(self, i: int, attn: "CrossAttention") -> tuple[Tensor, ...]:
+        if self.store is not None and self.store[i] is not None:
+            return self.store[i]
+        kv = attn.context_kv(self.ctx, self.ctx_img)
+        if self.store is not None:
+            self.store[i] = kv
+        return kv
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -156,13 +173,13 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D ** 0.5)
 
     def forward(self, x: Tensor, e0: Tensor, frames: int, rope: Tensor, attend: AttendFn, layer: int,
-                cross_kv: tuple[Tensor, ...], attention: AttentionFn) -> Tensor:
+                cross: "CrossKV", attention: AttentionFn) -> Tensor:
         # e0 [B, F or 1, 6, D] -> six [B, F or 1, 1, D]
         mod = _modulation(self).to(device=e0.device, dtype=e0.dtype)  # stored in the weights' dtype (fp8 too)
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod.unsqueeze(1) + e0).chunk(6, dim=2)
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1, frames).type_as(x), rope, attend, layer)
         x = gated_add(x, y, gate1, frames)
-        x = x + self.cross_attn(self.norm3(x), cross_kv, attention)
+        x = x + self.cross_attn(self.norm3(x), cross.layer(layer, self.cross_attn), attention)
         y = self.ffn(modulate(self.norm2(x), shift2, scale2, frames).type_as(x))
         return gated_add(x, y, gate2, frames)
 
@@ -284,10 +301,13 @@ class WanDiT(nn.Module):
             ctx_img = self.img_emb(clip_fea.to(dt))
         return ctx, ctx_img
 
-    def cross_kv(self, context: Tensor, clip_fea: Optional[Tensor] = None) -> list[tuple[Tensor, ...]]:
-        """Per-layer cross-attention K/V for a context: computed once per prompt."""
-        ctx, ctx_img = self.embed_context(context, clip_fea)
-        return [blk.cross_attn.context_kv(ctx, ctx_img) for blk in self.blocks]
+    def cross_kv(self, context: Tensor, clip_fea: Optional[Tensor] = None,
+                 store: Optional[list] = None) -> "CrossKV":
+        """The cross-attention K/V of a context, each layer's made by its block (kept in `store`, a cache's
+        per-layer list, which is only embedded again when a layer's entry is missing)."""
+        if store is not None and all(kv is not None for kv in store):
+            return CrossKV(None, None, store)
+        return CrossKV(*self.embed_context(context, clip_fea), store)
 
     def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """t [B] or [B, F] -> e [B, F|1, D] and e0 [B, F|1, 6, D], float32."""
@@ -356,9 +376,9 @@ class WanDiT(nn.Module):
             rope = self.rope(tokens.device).factors(slots.rope_start, f, h, w)
             source = (context, clip_fea)
             if cache.cross_source is None or cache.cross_source[0] is not context or cache.cross_source[1] is not clip_fea:
-                cache.cross = self.cross_kv(context, clip_fea)
+                cache.reset_cross()
                 cache.cross_source = source
-            cross = cache.cross
+            cross = self.cross_kv(context, clip_fea, store=cache.cross)
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 kw, vw = cache.update(layer, k.to(cache.dtype), v.to(cache.dtype))
@@ -382,9 +402,9 @@ class WanDiT(nn.Module):
         checkpoint = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             if checkpoint:
-                tokens = torch.utils.checkpoint.checkpoint(blk, tokens, e0, frames, rope, attend, i, cross[i],
+                tokens = torch.utils.checkpoint.checkpoint(blk, tokens, e0, frames, rope, attend, i, cross,
                                                            attention, use_reentrant=False)
             else:
-                tokens = blk(tokens, e0, frames, rope, attend, i, cross[i], attention)
+                tokens = blk(tokens, e0, frames, rope, attend, i, cross, attention)
         out = self.head(tokens, e, frames)
         return self.unpatchify(out, grid).float()

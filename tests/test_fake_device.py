@@ -346,7 +346,8 @@ def test_a_dmd_step_on_the_device(kind, generator_input):
         noise = torch.randn(2, 16, 6, 4, 4, device=dev)
         cond, uncond = torch.randn(2, 5, 24, device=dev), torch.zeros(2, 5, 24, device=dev)
         if generator_input == "rollout":
-            x_gen = self_rollout(gen, noise, cond, steps, grid, 3, [1, 3], lambda c, i, shape: torch.randn(shape).to(dev))
+            x_gen = self_rollout(gen, noise, cond, steps, grid, 3, [1, 3], lambda c, i, shape: torch.randn(shape).to(dev),
+                                 next(gen.parameters()).dtype)
         else:
             x_gen = generate_from_data(gen, x0_data, noise, cond, steps, grid, 3, torch.rand(2, 2).to(dev))
         t = torch.tensor([400.0, 700.0]).to(dev)

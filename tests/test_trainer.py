@@ -2,6 +2,7 @@
 gradient accumulation, the DMD gradient by hand, ablation switches, config overrides."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -321,27 +322,43 @@ def _copy_prereqs(src: Path, dst: Path) -> None:
     shutil.copy(src / "latents.safetensors", dst / "latents.safetensors")
 
 
-def _teacher_cmd(root: Path, *sets: str) -> list:
-    cmd = [PY, "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(root)]
+def _teacher_cmd(root: Path, *sets: str, stage: str = "teacher") -> list:
+    cmd = [PY, "-m", "trainer.cli", stage, "--preset", "micro", "--out", str(root)]
     for s in sets:
         cmd += ["--set", s]
     return cmd
 
 
-def _two_processes(root: Path, sets, port: int) -> subprocess.CompletedProcess:
-    """The micro teacher stage in two gloo processes (accelerate launch)."""
-    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-              "-m", "trainer.cli", "teacher", "--preset", "micro", "--out", str(root)]
-    for s in sets:
-        launch += ["--set", s]
-    return subprocess.run(launch, capture_output=True, text=True, timeout=900,
+def _process_tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _launch_two(root: Path, sets, port: int, stage: str = "teacher") -> list:
+    """A micro stage in two gloo processes (accelerate launch)."""
+    return [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            *_teacher_cmd(root, *sets, stage=stage)[1:]]
+
+
+def _two_processes(root: Path, sets, port: int, stage: str = "teacher") -> subprocess.CompletedProcess:
+    return subprocess.run(_launch_two(root, sets, port, stage), capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _losses(root: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(l) for l in (root / "teacher" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows]
+def _losses(root: Path, stage: str = "teacher", key: str = "loss") -> list[tuple[int, float]]:
+    rows = [json.loads(l) for l in (root / stage / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -463,6 +480,39 @@ def test_two_processes_end_with_the_weights_of_one(micro_run, tmp_path):
     assert max((start.state_dict()[k] - v).abs().max().item() for k, v in init.state_dict().items()) > 1e-3
 
 
+FSDP_STAGES = {  # stage: (its output, the later stages its folder must not hold, extra settings)
+    "teacher": ("teacher/teacher.safetensors", ("teacher",), ("teacher.steps=6", "teacher.ckpt_every=3")),
+    "ode-init": ("ode-init/student.safetensors", ("ode-init", "dmd"), ("ode_init.ckpt_every=3",)),
+    "dmd": ("dmd/student.safetensors", ("dmd",), ("dmd.ckpt_every=3",)),
+    "dmd-rollout": ("dmd/student.safetensors", ("dmd",), ("dmd.ckpt_every=3", "dmd.generator_input=rollout")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FSDP_STAGES))
+def test_fsdp_two_processes_end_with_the_weights_of_one(micro_run, tmp_path, case):
+    """parallel.strategy=fsdp: two gloo processes, each holding half of every DiT's weights, gradients and
+    optimizer state (checkpointed and saved whole), at the same global batch equal one process within 1e-5,
+    and log the same losses: teacher (with its sharded EMA), ODE init, and DMD (critic, real score and EMA
+    sharded too; data-noised and self-rollout generator input)."""
+    src = micro_run[0]
+    stage = case.split("-rollout")[0]
+    out, drop, extra = FSDP_STAGES[case]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns(*drop, "export"))
+    sets = (*extra, f"{stage.replace('-', '_')}.log_every=1")
+    subprocess.run(_teacher_cmd(one, *sets, stage=stage), check=True, capture_output=True, timeout=600)
+    r = _two_processes(two, (*sets, "parallel.strategy=fsdp"), port=29560 + sorted(FSDP_STAGES).index(case),
+                       stage=stage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_dit(one / out).state_dict(), load_dit(two / out).state_dict()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, f"{case}: max weight difference {worst}"
+    key = "loss_critic" if stage == "dmd" else "loss"
+    la, lb = _losses(one, stage, key), _losses(two, stage, key)
+    assert len(la) == len(lb) > 2 and max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) <= 1e-6
+
+
 def test_dmd_gradient_matches_the_hand_computed_value():
     x_gen = torch.tensor([[1.0, 2.0]], requires_grad=True)
     x_real = torch.tensor([[0.0, 0.0]])
@@ -543,7 +593,7 @@ def test_self_rollout_backpropagates_through_the_exit_step_only():
     noise = torch.randn(1, 16, 6, 2, 2)
     cond = torch.randn(1, 4, gen.config.text_dim)
     out = self_rollout(gen, noise, cond, [1000.0, 750.0, 500.0], FlowGrid(5.0), 3, [2, 0],
-                       lambda c, i, shape: torch.zeros(shape))
+                       lambda c, i, shape: torch.zeros(shape), torch.float32)
     assert out.requires_grad
     out[:, :, 3:].sum().backward()  # the second chunk: one (exit) step, attending to the first as cached past
     assert gen.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
@@ -891,28 +941,42 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     assert (run_dir / "student.safetensors").exists()
 
 
-def test_killed_run_resumes_with_another_number_of_processes(micro_run, tmp_path):
-    """kill -9 of a one-process teacher run after a checkpoint, resumed by two gloo processes at the same global
-    batch: it ends with the weights of the uninterrupted one-process run (within the 1e-5 of two processes)."""
+@pytest.mark.parametrize("strategy,first,then", [("ddp", 1, 2), ("fsdp", 1, 2), ("fsdp", 2, 1)])
+def test_killed_run_resumes_with_another_number_of_processes(micro_run, tmp_path, strategy, first, then):
+    """kill -9 of a teacher run after a checkpoint, resumed by another number of gloo processes at the same
+    global batch (sharded by FSDP, or DDP copies): it continues the uninterrupted one-process run's loss curve
+    (within 1e-6) and ends with its weights (within the 1e-5 of two processes)."""
     src = micro_run[0]
-    sets = ("teacher.steps=24", "teacher.batch=8", "teacher.ckpt_every=4", "teacher.log_every=1")
+    sets = ("teacher.steps=24", "teacher.batch=8", "teacher.ckpt_every=4", "teacher.log_every=1",
+            f"parallel.strategy={strategy}")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for d in (straight, resumed):
         _copy_prereqs(src, d)
+    port = 29534 + 2 * first + (strategy == "fsdp") * 10
     subprocess.run(_teacher_cmd(straight, *sets), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_teacher_cmd(resumed, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = _teacher_cmd(resumed, *sets) if first == 1 else _launch_two(resumed, sets, port)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (resumed / "teacher" / "state.pt").exists():
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    for pid in _process_tree(proc.pid):  # the launcher and its workers (each in a session of its own)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert (resumed / "teacher" / "state.pt").exists() and not (resumed / "teacher" / "DONE.json").exists(), \
         "the run was not killed mid-way"
     step = torch.load(resumed / "teacher" / "state.pt", weights_only=True)["step"]
     assert 0 < step < 24
-    r = _two_processes(resumed, sets, port=29534)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if then == 2:
+        r = _two_processes(resumed, sets, port=port + 1)
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        subprocess.run(_teacher_cmd(resumed, *sets), check=True, capture_output=True, timeout=600)
+    la, lb = _losses(straight), _losses(resumed)
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(24))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) <= 1e-6
     a = load_dit(straight / "teacher" / "teacher.safetensors").state_dict()
     b = load_dit(resumed / "teacher" / "teacher.safetensors").state_dict()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-5, f"max weight difference {worst} after resuming at step {step} with 2 processes"
+    assert worst <= 1e-5, f"max weight difference {worst} after resuming at step {step} with {then} processes"

@@ -51,6 +51,14 @@ class InputsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the stages that train a DiT use several processes (trainer/sharding.py)."""
+    strategy: str = "ddp"  # "ddp": a whole copy per process | "fsdp": weights, gradients, optimizer sharded (FSDP2)
+    param_dtype: str = "float32"  # fsdp: the dtype the gathered weights compute in ("float32" | "bfloat16")
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward
+
+
+@dataclass
 class DataConfig:
     height: int = 64  # pixel size of the generated clips (user-data runs; Shapes World is always 64)
     width: int = 64
@@ -206,6 +214,7 @@ class TrainConfig:
     name: str = "shapes"
     seed: int = 0
     inputs: InputsConfig = field(default_factory=InputsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStage = field(default_factory=VAEStage)
     vae_decoder: VAEDecoderStage = field(default_factory=VAEDecoderStage)
@@ -371,6 +380,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append(f"ode_pairs.num_pairs must be a whole number >= 1, got {op.num_pairs!r}")
     if not isinstance(op.teacher_steps, int) or op.teacher_steps < 4 or op.teacher_steps % 4:
         problems.append(f"ode_pairs.teacher_steps must be a multiple of 4, got {op.teacher_steps!r}")
+    if cfg.parallel.strategy not in ("ddp", "fsdp"):
+        problems.append(f"parallel.strategy must be ddp or fsdp, got {cfg.parallel.strategy!r}")
+    if cfg.parallel.param_dtype not in ("float32", "bfloat16"):
+        problems.append(f"parallel.param_dtype must be float32 or bfloat16, got {cfg.parallel.param_dtype!r}")
     given = [n for n in ("vae", "text_encoder", "prompts", "videos") if getattr(cfg.inputs, n) is not None]
     if given and not cfg.inputs.active:
         problems.append(f"--{given[0].replace('_', '-')} is for distilling your own teacher: pass --teacher too")

@@ -23,6 +23,7 @@ from torch import Tensor
 from causvid_core.checkpoints import default_permissions
 from causvid_core.sampler import noise_seed
 
+from . import sharding
 from .schedules import set_lr
 
 
@@ -64,6 +65,20 @@ class StageRun:
     @property
     def is_main(self) -> bool:
         return self.acc.is_main_process
+
+    def shard(self, model: torch.nn.Module, parallel) -> torch.nn.Module:
+        """A DiT sharded over the processes under parallel.strategy=fsdp (trainer/sharding.py), else as it is."""
+        return sharding.shard(model, parallel, self.world, self.device)
+
+    def mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics averaged over the processes (each saw its slice of the batch): what one process would log.
+        Collective: every process calls it at the same steps."""
+        if self.world == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return {k: v / self.world for k, v in zip(keys, values.tolist())}
 
     @property
     def done(self) -> bool:
@@ -118,8 +133,8 @@ class StageRun:
         if not self.state_path.exists():
             self._truncate_metrics(0)
             return 0
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: a sharded process reads only its own shard's pages
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # a truncated or corrupt checkpoint (torch raises several kinds)
             raise StageStateError(f"{self.state_path} is unreadable ({type(exc).__name__}): delete it to start the "
                                   f"{self.name!r} stage again from its first step (no earlier checkpoint is kept)"
@@ -127,7 +142,7 @@ class StageRun:
         self.missing = {k for k in objects if k not in state and k in optional}
         for key, obj in objects.items():
             if key not in self.missing:
-                obj.load_state_dict(state[key])
+                sharding.load_full_state(obj, state[key])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
         self._truncate_metrics(step)
@@ -136,8 +151,9 @@ class StageRun:
     def checkpoint(self, step: int, objects: dict[str, Any]) -> None:
         """Atomically write every object's state and the step to resume at."""
         self.acc.wait_for_everyone()
+        # every process gathers the sharded tensors with the others; the main one keeps and writes them
+        state = {k: sharding.full_state(_unwrap(self.acc, v), keep=self.is_main) for k, v in objects.items()}
         if self.is_main:
-            state = {k: _unwrap(self.acc, v).state_dict() for k, v in objects.items()}
             state.update(step=step, rng=torch.get_rng_state())
             atomic_torch_save(state, self.state_path)
             self.save_seconds()
@@ -257,7 +273,9 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
     from tqdm import tqdm
 
     acc = run.acc
-    model, optimizer = acc.prepare(model, optimizer)
+    sharded = sharding.is_sharded(model)  # FSDP reduces its own gradients: accelerate's DDP wrapper stays out
+    if not sharded:
+        model, optimizer = acc.prepare(model, optimizer)
     if cfg.compile:
         if not compilable:
             raise ValueError(f"{run.name.replace('-', '_')}.compile: this stage's loss calls no forward() that "
@@ -275,21 +293,29 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
         micro_batches = run.local_indices(step, cfg.batch, cfg.grad_accum)
         sums: dict[str, float] = {}
         for m, indices in enumerate(micro_batches):
-            sync = contextlib.nullcontext() if m == len(micro_batches) - 1 else acc.no_sync(model)
+            last = m == len(micro_batches) - 1
+            if sharded:
+                sharding.set_gradient_sync(model, last)
+            sync = contextlib.nullcontext() if last or sharded else acc.no_sync(model)
             with sync:
                 with autocast(cfg.autocast, acc.device):
                     loss, metrics = loss_fn(step, indices, model)
-                acc.backward(loss / len(micro_batches))
+                if sharded:
+                    (loss / len(micro_batches)).backward()
+                else:
+                    acc.backward(loss / len(micro_batches))
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
         if cfg.grad_clip:
-            sums["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            sums["grad_norm"] = (sharding.clip_grad_norm(model.parameters(), cfg.grad_clip) if sharded else
+                                 float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step(step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            run.log(step, **{k: round(v, 6) for k, v in sums.items()})
+            sums = run.mean(sums)
+            run.log(step, **{k: round(v, 9) for k, v in sums.items()})  # finer than 1e-6 curves
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             run.checkpoint(step + 1, objects)

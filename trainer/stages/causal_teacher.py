@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 
-from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 
 from ..config import TrainConfig
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
-from .common import encode, grid_index, load_frozen, output, require, stage_dit, teacher_stage
+from .common import encode, grid_index, load_frozen, output, require, save_stage_dit, stage_dit, teacher_stage
 from .teacher import check_roll, latent_batch, latent_set
 from causvid_core.text import load_text_encoder
 
@@ -31,7 +30,8 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     sc, chunk = cfg.causal_teacher, cfg.student.chunk_frames
     text = load_frozen(require(root, "text"), load_text_encoder)
     data = latent_set(cfg, root, r)
-    model = stage_dit(require(root, teacher_stage(cfg)), sc.attention, checkpointing=sc.checkpointing)
+    model = r.shard(stage_dit(require(root, teacher_stage(cfg)), sc.attention, checkpointing=sc.checkpointing),
+                    cfg.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)
     check_roll(cfg, root)
@@ -47,6 +47,5 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         return flow_matching_loss(m, x0.to(dev), noise.to(dev), t.to(dev), cond.to(dev), grid, chunk_frames=chunk), {}
 
     model = train_steps(r, sc, model, opt, loss_fn)
-    if r.is_main:
-        save_dit(model, output(root, "causal-teacher"))
+    save_stage_dit(r, model, output(root, "causal-teacher"))
     r.finish(model=str(output(root, "causal-teacher")), steps=sc.steps)

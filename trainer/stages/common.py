@@ -81,6 +81,17 @@ def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False, checkpo
     return model.train().requires_grad_(True)
 
 
+def save_stage_dit(run, model: torch.nn.Module, path: Path) -> None:
+    """save_dit of a stage's DiT, sharded or not. Collective under FSDP: every process calls it."""
+    from causvid_core.checkpoints import save_dit
+
+    from ..sharding import full_state
+
+    state = full_state(model, keep=run.is_main)
+    if run.is_main:
+        save_dit(model, path, state_dict=state)
+
+
 def load_frozen(path: Path, loader) -> torch.nn.Module:
     model = loader(path)
     model.requires_grad_(False)

@@ -8,7 +8,8 @@ fake score = a trainable copy of the teacher (the critic), updated every step; t
 Generator input: "data" (CausVid): data latents noised per chunk to a random step of the student's
 list, one block-causal pass to x0; "rollout" (Self-Forcing): the student's own KV-cached rollout from
 noise, with gradient through one random step per chunk and none through the cached past.
-Gradients are averaged across processes by hand (the generator runs several forwards per step)."""
+Gradients are averaged across processes by hand (the generator runs several forwards per step), or, under
+parallel.strategy=fsdp, by FSDP's reduce-scatter of each sharded DiT."""
 from __future__ import annotations
 
 import copy
@@ -17,21 +18,23 @@ from pathlib import Path
 import torch
 
 from causvid_core.cache import KVCache
-from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
-from causvid_core.sampler import noise_seed
 
 from ..config import TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun, autocast
+from ..sharding import clip_grad_norm, compute_dtype, is_sharded
 from ..schedules import update_ema
 from .common import (contrast_negatives, encode, grid_index, latent_shape, output, require, require_stage, run_prompts,
-                     stage_dit, student_steps, teacher_path, text_source)
+                     save_stage_dit, stage_dit, student_steps, teacher_path, text_source)
 from .teacher import latent_set
+
+RENOISE = 100  # the first draw purpose of the rollout's re-noising (0-10 are the step's other draws)
 
 
 def sync_grads(acc, model: torch.nn.Module) -> None:
-    if acc.num_processes == 1:
+    """The mean gradient over the processes (DDP's all-reduce, by hand); FSDP reduced a sharded model's."""
+    if acc.num_processes == 1 or is_sharded(model):
         return
     for p in model.parameters():
         if p.grad is not None:
@@ -48,11 +51,12 @@ def generate_from_data(gen, x0_data, noise, cond, steps, grid, chunk, u) -> torc
     return grid.flow_to_x0(gen(x_t, t, cond, chunk_frames=chunk), x_t, t)
 
 
-def self_rollout(gen, noise, cond, steps, grid, chunk, exits, renoise) -> torch.Tensor:
-    """Self-Forcing: the student's cached rollout; chunk c stops at step exits[c] with gradient."""
+def self_rollout(gen, noise, cond, steps, grid, chunk, exits, renoise, dtype: torch.dtype) -> torch.Tensor:
+    """Self-Forcing: the student's cached rollout; chunk c stops at step exits[c] with gradient. dtype: the
+    generator's compute dtype (its KV cache's)."""
     B, _, F, h, w = noise.shape
     cache = KVCache.full(gen.config, batch=B, tokens_per_frame=gen.config.tokens_per_frame(h, w), frames=F,
-                         dtype=next(gen.parameters()).dtype, device=noise.device)
+                         dtype=dtype, device=noise.device)
     outs = []
     for c, s in enumerate(range(0, F, chunk)):
         x = noise[:, :, s:s + chunk]
@@ -82,10 +86,13 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     dev = r.device
     gen = stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention,
                     checkpointing=sc.checkpointing).to(dev)
-    critic = stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing).to(dev)
+    critic = r.shard(stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing).to(dev), cfg.parallel)
     real_causal = sc.real_score == "causal-teacher"
-    real = stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True).to(dev)
-    ema = copy.deepcopy(gen).eval().requires_grad_(False)
+    real = r.shard(stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention,
+                             frozen=True).to(dev), cfg.parallel)
+    ema = r.shard(copy.deepcopy(gen).eval().requires_grad_(False), cfg.parallel)
+    gen = r.shard(gen, cfg.parallel)
+    gen_dtype = compute_dtype(gen, cfg.parallel)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     if cfg.inputs.videos is not None:  # the user's clips: CausVid's data-noised generator input works
@@ -108,15 +115,17 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
             B, F = x0_data.shape[0], x0_data.shape[2]
             chunks = -(-F // chunk)
             cond, uncond = encode(text, prompts).to(dev), encode(text, [""] * B).to(dev)
-            torch.manual_seed(noise_seed(cfg.seed, step, r.rank))  # rollout re-noising: not tied to a sample
             metrics = {}
 
             def make_x_gen() -> torch.Tensor:
                 if sc.generator_input == "rollout":
                     exits = (r.rand(step, [0], (chunks,), purpose=5)[0] * len(steps)).long().clamp(max=len(steps) - 1)
                     noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6).to(dev)
+                    # re-noising drawn per sample (chunk c after step i), so any process count draws the same
                     return self_rollout(gen, noise, cond, steps, grid, chunk, exits.tolist(),
-                                        lambda c, i, shape: torch.randn(shape).to(dev))
+                                        lambda c, i, shape: r.randn(step, idx, shape[1:],
+                                                                    purpose=RENOISE + c * len(steps) + i).to(dev),
+                                        gen_dtype)
                 return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6).to(dev),
                                           cond, steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5).to(dev))
 
@@ -135,7 +144,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                 loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
                 loss_g.backward()
                 sync_grads(r.acc, gen)
-                metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), sc.grad_clip))
+                metrics["gen_grad_norm"] = clip_grad_norm(gen.parameters(), sc.grad_clip)
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
                 update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
@@ -147,17 +156,16 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
                                  cond, grid)
             loss_c.backward()
             sync_grads(r.acc, critic)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), sc.grad_clip)
+            clip_grad_norm(critic.parameters(), sc.grad_clip)
             opt_c.step()
             opt_c.zero_grad(set_to_none=True)
             metrics["loss_critic"] = loss_c.item()
         if step % sc.log_every == 0 or step == sc.steps - 1:
-            r.log(step, **metrics)
+            r.log(step, **r.mean(metrics))
         if (step + 1) % sc.ckpt_every == 0 and step + 1 < sc.steps:
             r.checkpoint(step + 1, objects)
     r.checkpoint(sc.steps, objects)
-    if r.is_main:
-        save_dit(ema, output(root, "dmd"))
+    save_stage_dit(r, ema, output(root, "dmd"))
     r.finish(model=str(output(root, "dmd")), steps=sc.steps, generator_input=sc.generator_input,
              real_score=sc.real_score, init=sc.init,
              contrast=sc.active_contrast)

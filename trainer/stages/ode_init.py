@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 
 from ..adversarial import Adversary
@@ -15,7 +14,7 @@ from ..config import TrainConfig
 from ..data import load_ode_pairs
 from ..losses import ode_regression_loss
 from ..run import StageRun, train_steps
-from .common import encode, output, stage_dit, student_steps, teacher_path, text_source
+from .common import encode, output, save_stage_dit, stage_dit, student_steps, teacher_path, text_source
 from .matching import MatchingGame
 
 
@@ -29,7 +28,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     states, prompts, timesteps = load_ode_pairs(root / "ode-pairs")  # [N, K+1, C, F, h, w]
     K = states.shape[1] - 1
     text = text_source(cfg, root)
-    student = stage_dit(teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing)
+    student = r.shard(stage_dit(teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing), cfg.parallel)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(shift)
     ts = torch.tensor(timesteps, dtype=torch.float32)
@@ -62,6 +61,5 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     game = MatchingGame.build(sc, cfg, root, r, text)
     student = train_steps(r, sc, student, opt, loss_fn, extra_state=game.state() if game is not None else None,
                           optional_state=Adversary.STATE)
-    if r.is_main:
-        save_dit(student, output(root, "ode-init"))
+    save_stage_dit(r, student, output(root, "ode-init"))
     r.finish(model=str(output(root, "ode-init")), steps=sc.steps)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from causvid_core.checkpoints import save_dit
 from causvid_core.flow import FlowGrid
 from causvid_core.text import load_text_encoder
 from causvid_core.vae import load_vae
@@ -20,7 +19,7 @@ from ..data import LatentSet, torus_roll
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
 from ..schedules import lr_at, update_ema
-from .common import encode, grid_index, load_frozen, new_dit, output, require, stage_dit
+from .common import encode, grid_index, load_frozen, new_dit, output, require, save_stage_dit, stage_dit
 
 REFINE_LATENTS = "latents-refine.safetensors"  # the teacher-refine stage's bigger clip set
 
@@ -79,8 +78,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r))
     model = new_dit(cfg, sc.attention)
     model.gradient_checkpointing = sc.checkpointing
+    ema = r.shard(copy.deepcopy(model).eval().requires_grad_(False), cfg.parallel) if sc.ema else None
+    model = r.shard(model, cfg.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if sc.ema else None
 
     def after_step(step: int, weights=model) -> None:
         fresh = step < sc.ema_start or "ema" in r.missing  # a state saved before the EMA existed: start it here
@@ -90,9 +90,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     lr_fn = None if sc.decay_from is None else (lambda step: lr_at(step, sc.steps, sc.lr, decay_from=sc.decay_from))
     model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema} if ema is not None else None,
                         after_step=after_step if ema is not None else None, optional_state=("ema",), lr_fn=lr_fn)
-    final = model if ema is None else ema
-    if r.is_main:
-        save_dit(final, output(root, "teacher"))
+    save_stage_dit(r, model if ema is None else ema, output(root, "teacher"))
     r.finish(model=str(output(root, "teacher")), steps=sc.steps, ema=sc.ema, decay_from=sc.decay_from)
 
 
@@ -109,11 +107,11 @@ def refine(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     text = load_frozen(require(root, "text"), load_text_encoder)
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r, sc.num_clips, REFINE_LATENTS))
     model = stage_dit(require(root, "teacher"), sc.attention, checkpointing=sc.checkpointing)
+    ema = r.shard(copy.deepcopy(model).eval().requires_grad_(False), cfg.parallel)
+    model = r.shard(model, cfg.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
     model = train_steps(r, sc, model, opt, loss_fn, extra_state={"ema": ema},
                         after_step=lambda step, weights=model: update_ema(ema, weights, sc.ema),
                         lr_fn=lambda step: lr_at(step, sc.steps, sc.lr, warmup=sc.warmup))
-    if r.is_main:
-        save_dit(ema, output(root, "teacher-refine"))
+    save_stage_dit(r, ema, output(root, "teacher-refine"))
     r.finish(model=str(output(root, "teacher-refine")), steps=sc.steps, num_clips=sc.num_clips, ema=sc.ema)

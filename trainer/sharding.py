@@ -1,0 +1,127 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the stages that train a DiT, and the checkpoint format
+that lets a sharded run resume with any number of processes.
+
+`parallel.strategy=fsdp` shards every DiT a stage holds (the trained one, its EMA, DMD's critic and real
+score) block by block over all processes: each keeps 1/N of the weights, gradients and optimizer state and
+gathers one block's weights at a time. Gradients are reduce-scattered as averages, so the global batch's
+mean gradient is what every shard steps with, as under DDP. With one process nothing is sharded.
+
+state.pt stays one file of whole tensors, whatever the strategy and process count: every process takes
+part in gathering each sharded tensor (one at a time, so only the main process holds the whole state), and
+on resume each process cuts its own shard out of the memory-mapped file. A run checkpointed by 1, 2 or 8
+processes, sharded or not, resumes under any other.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def shard(model: nn.Module, parallel, world: int, device: torch.device) -> nn.Module:
+    """The model sharded over `world` processes when parallel.strategy is fsdp (in place); else unchanged.
+    Each of model.blocks is its own unit (one block's full weights are gathered at a time), the rest (patch
+    embedding, text and time embeddings, head) the root's."""
+    if parallel.strategy != "fsdp" or world == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    # weights are gathered in param_dtype for compute; gradients are reduced and kept in float32
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[parallel.param_dtype], reduce_dtype=torch.float32)
+    model.to(device)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
+    return model
+
+
+def is_sharded(obj: Any) -> bool:
+    """A module with sharded (DTensor) parameters, or an optimizer over them."""
+    if isinstance(obj, nn.Module):
+        params = list(obj.parameters())
+    elif isinstance(obj, torch.optim.Optimizer):
+        params = [p for g in obj.param_groups for p in g["params"]]
+    else:
+        return False
+    return bool(params) and isinstance(params[0], _dtensor())
+
+
+def compute_dtype(model: nn.Module, parallel) -> torch.dtype:
+    """The dtype a (possibly sharded) DiT computes in: FSDP's param_dtype, else its parameters'."""
+    if is_sharded(model):
+        return DTYPES[parallel.param_dtype]
+    return next(model.parameters()).dtype
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """FSDP's no_sync: gradients of all but the last micro-batch stay unreduced."""
+    model.set_requires_gradient_sync(sync)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """torch's clip_grad_norm_, whose norm is a DTensor (over every shard) for sharded parameters."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    if isinstance(norm, _dtensor()):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state(obj: Any, keep: bool) -> Optional[dict]:
+    """obj.state_dict() with every sharded tensor gathered whole on the CPU. Collective: every process calls
+    it; only those with keep=True get the dict (the others drop each gathered tensor at once)."""
+    DTensor = _dtensor()
+
+    def gather(v):
+        if isinstance(v, DTensor):
+            full = v.full_tensor()
+            return full.cpu() if keep else None
+        if isinstance(v, dict):
+            return {k: gather(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [gather(x) for x in v]
+        return v
+
+    state = gather(obj.state_dict())
+    return state if keep else None
+
+
+def load_full_state(obj: Any, state: dict) -> None:
+    """obj.load_state_dict(state) for a state of whole tensors: a sharded module or optimizer takes its own
+    shard of each (cut locally: every process read the same file)."""
+    if not is_sharded(obj):
+        obj.load_state_dict(state)
+        return
+    if isinstance(obj, nn.Module):
+        current = obj.state_dict()
+        obj.load_state_dict({k: _like(v, current[k]) for k, v in state.items()})
+        return
+    params = [p for g in obj.param_groups for p in g["params"]]  # the ids of state_dict()'s "state"
+    loaded = {}
+    for pid, entry in state["state"].items():
+        p = params[int(pid)]
+        loaded[pid] = {k: _like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                       for k, v in entry.items()}
+    obj.load_state_dict({**state, "state": loaded})
+
+
+def _like(full: torch.Tensor, template) -> torch.Tensor:
+    """A whole tensor as `template` holds it: the local shard of a DTensor template, else itself."""
+    DTensor = _dtensor()
+    if not isinstance(template, DTensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every process cuts its own shard from its own copy, no communication
+    return distribute_tensor(full.to(device=template.device, dtype=template.dtype), template.device_mesh,
+                             template.placements, src_data_rank=None)
