@@ -480,11 +480,13 @@ def test_two_processes_end_with_the_weights_of_one(micro_run, tmp_path):
     assert max((start.state_dict()[k] - v).abs().max().item() for k, v in init.state_dict().items()) > 1e-3
 
 
-FSDP_STAGES = {  # stage: (its output, the later stages its folder must not hold, extra settings)
-    "teacher": ("teacher/teacher.safetensors", ("teacher",), ("teacher.steps=6", "teacher.ckpt_every=3")),
-    "ode-init": ("ode-init/student.safetensors", ("ode-init", "dmd"), ("ode_init.ckpt_every=3",)),
-    "dmd": ("dmd/student.safetensors", ("dmd",), ("dmd.ckpt_every=3",)),
-    "dmd-rollout": ("dmd/student.safetensors", ("dmd",), ("dmd.ckpt_every=3", "dmd.generator_input=rollout")),
+FSDP_STAGES = {  # case: (its output, the stages its folder must not hold, settings, the two processes' own)
+    "teacher": ("teacher/teacher.safetensors", ("teacher",), ("teacher.steps=6", "teacher.ckpt_every=3"), ()),
+    "ode-init": ("ode-init/student.safetensors", ("ode-init", "dmd"), ("ode_init.ckpt_every=3",), ()),
+    "dmd": ("dmd/student.safetensors", ("dmd",), ("dmd.ckpt_every=3",), ()),
+    # the rollout generator, gradients accumulated over two micro-batches in each of the two processes
+    "dmd-rollout": ("dmd/student.safetensors", ("dmd",), ("dmd.ckpt_every=3", "dmd.generator_input=rollout"),
+                    ("dmd.grad_accum=2",)),
 }
 
 
@@ -493,16 +495,16 @@ def test_fsdp_two_processes_end_with_the_weights_of_one(micro_run, tmp_path, cas
     """parallel.strategy=fsdp: two gloo processes, each holding half of every DiT's weights, gradients and
     optimizer state (checkpointed and saved whole), at the same global batch equal one process within 1e-5,
     and log the same losses: teacher (with its sharded EMA), ODE init, and DMD (critic, real score and EMA
-    sharded too; data-noised and self-rollout generator input)."""
+    sharded too; data-noised and self-rollout generator input, the latter with accumulated gradients)."""
     src = micro_run[0]
     stage = case.split("-rollout")[0]
-    out, drop, extra = FSDP_STAGES[case]
+    out, drop, extra, two_only = FSDP_STAGES[case]
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         shutil.copytree(src, d, ignore=shutil.ignore_patterns(*drop, "export"))
     sets = (*extra, f"{stage.replace('-', '_')}.log_every=1")
     subprocess.run(_teacher_cmd(one, *sets, stage=stage), check=True, capture_output=True, timeout=600)
-    r = _two_processes(two, (*sets, "parallel.strategy=fsdp"), port=29560 + sorted(FSDP_STAGES).index(case),
+    r = _two_processes(two, (*sets, *two_only, "parallel.strategy=fsdp"), port=29560 + sorted(FSDP_STAGES).index(case),
                        stage=stage)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_dit(one / out).state_dict(), load_dit(two / out).state_dict()

@@ -88,6 +88,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             detail = f"unexpected {type(exc).__name__}: {detail} (run with --debug for the traceback)"
         print(f"causvid-train: {detail}", file=sys.stderr)
         return 2 if isinstance(exc, (FileNotFoundError, ValueError)) else 1
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """Take down the process group a launcher set up: a worker exiting with it still live can abort in its
+    communication threads (`terminate called without an active exception`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(args, cfg) -> int:

@@ -307,7 +307,7 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
         if cfg.grad_clip:
-            sums["grad_norm"] = (sharding.clip_grad_norm(model.parameters(), cfg.grad_clip) if sharded else
+            sums["grad_norm"] = (float(sharding.clip_grad_norm(model.parameters(), cfg.grad_clip)) if sharded else
                                  float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

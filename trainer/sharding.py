@@ -69,12 +69,11 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     model.set_requires_gradient_sync(sync)
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """torch's clip_grad_norm_, whose norm is a DTensor (over every shard) for sharded parameters."""
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_; the total norm as a 0-dim tensor on the device (no host sync), whole for
+    sharded parameters (whose norm is a DTensor over every shard)."""
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    if isinstance(norm, _dtensor()):
-        norm = norm.full_tensor()
-    return float(norm)
+    return norm.full_tensor() if isinstance(norm, _dtensor()) else norm
 
 
 def full_state(obj: Any, keep: bool) -> Optional[dict]:

@@ -13,14 +13,16 @@ parallel.strategy=fsdp, by FSDP's reduce-scatter of each sharded DiT."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from causvid_core.cache import KVCache
 from causvid_core.flow import FlowGrid
 
-from ..config import TrainConfig
+from ..config import DMDStage, TrainConfig
 from ..losses import critic_loss, dmd_generator_loss, guided_x0
 from ..run import StageRun, autocast
 from ..sharding import clip_grad_norm, compute_dtype, is_sharded
@@ -73,6 +75,126 @@ def self_rollout(gen, noise, cond, steps, grid, chunk, exits, renoise, dtype: to
     return torch.cat(outs, dim=2)
 
 
+@dataclass
+class Draws:
+    """Everything random in one micro-batch of a DMD step, drawn on the host from (seed, step, sample) (the
+    StageRun's draws), so any device and any number of processes draws the same."""
+    noise: torch.Tensor  # [B, C, F, h, w] the generator's noise (purpose 6)
+    steps_u: torch.Tensor  # [B, chunks] data input: each chunk's step (purpose 5)
+    exits: list[int]  # rollout: each chunk's exit step, shared by the batch (purpose 5 of sample 0)
+    t_gen: torch.Tensor  # [B] the generator loss's timesteps (7) and noise (8)
+    noise_gen: torch.Tensor
+    t_critic: torch.Tensor  # [B] the critic's (9, 10)
+    noise_critic: torch.Tensor
+    renoise: dict = field(default_factory=dict)  # rollout: (chunk, step) -> [B, C, f, h, w] (RENOISE + ...)
+
+    @classmethod
+    def draw(cls, src, sc: DMDStage, grid: FlowGrid, steps: list[float], chunk: int, step: int, idx: list[int],
+             shape: tuple[int, ...]) -> "Draws":
+        """shape: one sample's latent [C, F, h, w]; src: anything with StageRun's rand / randn."""
+        C, F, h, w = shape
+        chunks, S = -(-F // chunk), len(steps)
+        exits = (src.rand(step, [0], (chunks,), purpose=5)[0] * S).long().clamp(max=S - 1).tolist()
+        renoise = {}
+        if sc.generator_input == "rollout":  # chunk c leaves step i < exits[c] re-noised, per sample
+            for c, s in enumerate(range(0, F, chunk)):
+                for i in range(exits[c]):
+                    renoise[c, i] = src.randn(step, idx, (C, min(chunk, F - s), h, w), purpose=RENOISE + c * S + i)
+        return cls(noise=src.randn(step, idx, shape, purpose=6), steps_u=src.rand(step, idx, (chunks,), purpose=5),
+                   exits=exits, renoise=renoise,
+                   t_gen=grid_index(grid, src.rand(step, idx, purpose=7), sc.t_min, sc.t_max),
+                   noise_gen=src.randn(step, idx, shape, purpose=8),
+                   t_critic=grid_index(grid, src.rand(step, idx, purpose=9), sc.t_min, sc.t_max),
+                   noise_critic=src.randn(step, idx, shape, purpose=10))
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's inputs on the device."""
+    draws: Draws
+    cond: torch.Tensor  # [B, L, D]
+    uncond: torch.Tensor  # [B, L, D]
+    data: Optional[torch.Tensor] = None  # [B, C, F, h, w] data latents (the data-noised generator input)
+    negatives: list = field(default_factory=list)  # contrast guidance: K x [B, L, D]
+
+
+class DMDStep:
+    """The device work of one DMD step over its micro-batches: the generator's update (every gen_every-th
+    step; gradients accumulated over the micro-batches), its EMA, then the critic's. The stage runs it on
+    real data; `causvid-train bench-memory` on fake tensors at real size."""
+
+    def __init__(self, sc: DMDStage, chunk: int, steps: list[float], grid: FlowGrid, gen, critic, real, ema,
+                 opt_g, opt_c, gen_dtype: torch.dtype, real_causal: bool, acc=None):
+        self.sc, self.chunk, self.steps, self.grid = sc, chunk, steps, grid
+        self.gen, self.critic, self.real, self.ema, self.opt_g, self.opt_c = gen, critic, real, ema, opt_g, opt_c
+        self.gen_dtype, self.real_causal, self.acc = gen_dtype, real_causal, acc
+
+    def x_gen(self, mb: MicroBatch) -> torch.Tensor:
+        d, dev = mb.draws, mb.cond.device
+        if self.sc.generator_input == "rollout":
+            return self_rollout(self.gen, d.noise.to(dev), mb.cond, self.steps, self.grid, self.chunk, d.exits,
+                                lambda c, i, shape: d.renoise[c, i].to(dev), self.gen_dtype)
+        return generate_from_data(self.gen, mb.data, d.noise.to(dev), mb.cond, self.steps, self.grid, self.chunk,
+                                  d.steps_u.to(dev))
+
+    def generator_loss(self, mb: MicroBatch) -> torch.Tensor:
+        sc, grid, dev = self.sc, self.grid, mb.cond.device
+        x_gen = self.x_gen(mb)
+        B, F = x_gen.shape[0], x_gen.shape[2]
+        t = mb.draws.t_gen.to(dev)
+        x_t = grid.add_noise(x_gen.detach(), mb.draws.noise_gen.to(dev), t)
+        with torch.no_grad():
+            tt = t.unsqueeze(1).expand(B, F) if self.real_causal else t
+            x0_real = guided_x0(self.real, x_t, tt, mb.cond, mb.uncond, sc.guidance, grid,
+                                chunk_frames=self.chunk if self.real_causal else None, negatives=mb.negatives,
+                                contrast=sc.active_contrast)
+            x0_fake = grid.flow_to_x0(self.critic(x_t, t, mb.cond), x_t, t)
+        return dmd_generator_loss(x_gen, x0_real, x0_fake)
+
+    def critic_loss(self, mb: MicroBatch) -> torch.Tensor:
+        dev = mb.cond.device
+        with torch.no_grad():
+            x_gen = self.x_gen(mb)
+        return critic_loss(self.critic, x_gen, mb.draws.noise_critic.to(dev), mb.draws.t_critic.to(dev), mb.cond,
+                           self.grid)
+
+    def __call__(self, step: int, micro: list[MicroBatch]) -> dict[str, torch.Tensor]:
+        """One step; its metrics as 0-dim tensors (read on the host only when logged)."""
+        sc, metrics = self.sc, {}
+        if step % sc.gen_every == 0:
+            metrics["loss_dmd"] = self._update(self.gen, self.opt_g, self.generator_loss, micro, metrics, "gen_grad_norm")
+            update_ema(self.ema, self.gen, sc.ema if step >= sc.ema_start else 0.0)
+        metrics["loss_critic"] = self._update(self.critic, self.opt_c, self.critic_loss, micro, metrics, None)
+        return metrics
+
+    def _update(self, model, opt, loss_fn, micro: list[MicroBatch], metrics: dict, norm_key) -> torch.Tensor:
+        total = 0.0
+        for m, mb in enumerate(micro):
+            if is_sharded(model):  # FSDP reduces the gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(m == len(micro) - 1)
+            loss = loss_fn(mb)
+            (loss / len(micro)).backward()
+            total = total + loss.detach() / len(micro)
+        if self.acc is not None:
+            sync_grads(self.acc, model)
+        norm = clip_grad_norm(model.parameters(), self.sc.grad_clip)
+        if norm_key:
+            metrics[norm_key] = norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+
+def build_models(cfg: TrainConfig, r, gen, critic, real):
+    """The generator's EMA, everything sharded under parallel.strategy=fsdp, and the two optimizers."""
+    sc = cfg.dmd
+    ema = r.shard(copy.deepcopy(gen).eval().requires_grad_(False), cfg.parallel)
+    critic, real, gen = (r.shard(m, cfg.parallel) for m in (critic, real, gen))
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
+    return gen, critic, real, ema, opt_g, opt_c
+
+
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     root = Path(root)
     r = StageRun(root, "dmd", cfg.seed, accelerator)
@@ -84,17 +206,14 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     text = text_source(cfg, root)
     teacher = teacher_path(cfg, root)
     dev = r.device
-    gen = stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention,
-                    checkpointing=sc.checkpointing).to(dev)
-    critic = r.shard(stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing).to(dev), cfg.parallel)
     real_causal = sc.real_score == "causal-teacher"
-    real = r.shard(stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention,
-                             frozen=True).to(dev), cfg.parallel)
-    ema = r.shard(copy.deepcopy(gen).eval().requires_grad_(False), cfg.parallel)
-    gen = r.shard(gen, cfg.parallel)
-    gen_dtype = compute_dtype(gen, cfg.parallel)
-    opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
+    gen, critic, real, ema, opt_g, opt_c = build_models(
+        cfg, r, stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention,
+                          checkpointing=sc.checkpointing).to(dev),
+        stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing).to(dev),
+        stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True).to(dev))
+    dmd = DMDStep(sc, chunk, steps, grid, gen, critic, real, ema, opt_g, opt_c, compute_dtype(gen, cfg.parallel),
+                  real_causal, r.acc)
     if cfg.inputs.videos is not None:  # the user's clips: CausVid's data-noised generator input works
         from ..userdata import VideoLatentSet
         data = VideoLatentSet(require_stage(root, "video-latents"))
@@ -105,63 +224,22 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         data = latent_set(cfg, root, r)
     objects = {"generator": gen, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_c": opt_c}
     start = r.resume(objects)
+
+    def micro_batch(step: int, idx: list[int]) -> MicroBatch:
+        x0_data, prompts = data.batch(idx)
+        return MicroBatch(
+            draws=Draws.draw(r, sc, grid, steps, chunk, step, idx, tuple(x0_data.shape[1:])),
+            cond=encode(text, prompts).to(dev), uncond=encode(text, [""] * len(idx)).to(dev), data=x0_data.to(dev),
+            negatives=[n.to(dev) for n in contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)])
+
     from tqdm import tqdm
     for step in tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc="dmd", disable=not r.is_main,
                      dynamic_ncols=True):
+        micro = [micro_batch(step, idx) for idx in r.local_indices(step, sc.batch, sc.grad_accum)]
         with autocast(sc.autocast, r.acc.device):  # backward inside too: its ops follow the forward's dtypes
-            (idx,) = r.local_indices(step, sc.batch)
-            x0_data, prompts = data.batch(idx)
-            x0_data = x0_data.to(dev)
-            B, F = x0_data.shape[0], x0_data.shape[2]
-            chunks = -(-F // chunk)
-            cond, uncond = encode(text, prompts).to(dev), encode(text, [""] * B).to(dev)
-            metrics = {}
-
-            def make_x_gen() -> torch.Tensor:
-                if sc.generator_input == "rollout":
-                    exits = (r.rand(step, [0], (chunks,), purpose=5)[0] * len(steps)).long().clamp(max=len(steps) - 1)
-                    noise = r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6).to(dev)
-                    # re-noising drawn per sample (chunk c after step i), so any process count draws the same
-                    return self_rollout(gen, noise, cond, steps, grid, chunk, exits.tolist(),
-                                        lambda c, i, shape: r.randn(step, idx, shape[1:],
-                                                                    purpose=RENOISE + c * len(steps) + i).to(dev),
-                                        gen_dtype)
-                return generate_from_data(gen, x0_data, r.randn(step, idx, tuple(x0_data.shape[1:]), purpose=6).to(dev),
-                                          cond, steps, grid, chunk, r.rand(step, idx, (chunks,), purpose=5).to(dev))
-
-            if step % sc.gen_every == 0:
-                x_gen = make_x_gen()
-                t = grid_index(grid, r.rand(step, idx, purpose=7), sc.t_min, sc.t_max).to(dev)
-                x_t = grid.add_noise(x_gen.detach(), r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=8).to(dev), t)
-                with torch.no_grad():
-                    tt = t.unsqueeze(1).expand(B, F) if real_causal else t
-                    negatives = [n.to(dev) for n in contrast_negatives(text, prompts, sc.active_contrast,
-                                                                       sc.contrast_words)]
-                    x0_real = guided_x0(real, x_t, tt, cond, uncond, sc.guidance, grid,
-                                        chunk_frames=chunk if real_causal else None, negatives=negatives,
-                                        contrast=sc.active_contrast)
-                    x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
-                loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
-                loss_g.backward()
-                sync_grads(r.acc, gen)
-                metrics["gen_grad_norm"] = clip_grad_norm(gen.parameters(), sc.grad_clip)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-                update_ema(ema, gen, sc.ema if step >= sc.ema_start else 0.0)
-                metrics["loss_dmd"] = loss_g.item()
-            with torch.no_grad():
-                x_gen = make_x_gen()
-            t = grid_index(grid, r.rand(step, idx, purpose=9), sc.t_min, sc.t_max).to(dev)
-            loss_c = critic_loss(critic, x_gen, r.randn(step, idx, tuple(x_gen.shape[1:]), purpose=10).to(dev), t,
-                                 cond, grid)
-            loss_c.backward()
-            sync_grads(r.acc, critic)
-            clip_grad_norm(critic.parameters(), sc.grad_clip)
-            opt_c.step()
-            opt_c.zero_grad(set_to_none=True)
-            metrics["loss_critic"] = loss_c.item()
+            metrics = dmd(step, micro)
         if step % sc.log_every == 0 or step == sc.steps - 1:
-            r.log(step, **r.mean(metrics))
+            r.log(step, **r.mean({k: float(v) for k, v in metrics.items()}))
         if (step + 1) % sc.ckpt_every == 0 and step + 1 < sc.steps:
             r.checkpoint(step + 1, objects)
     r.checkpoint(sc.steps, objects)
