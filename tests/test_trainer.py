@@ -902,7 +902,9 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
 
 def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys):
     """--videos: a folder of clips with caption sidecars, one unreadable and one without a caption; the usable ones
-    are encoded once with the user's VAE, and DMD trains on them noised to the student's steps (CausVid)."""
+    are encoded once with the user's VAE. The user's teacher is fine-tuned on them (teacher.steps), a causal
+    teacher trained from it (the ablation's real score), and DMD trains on them noised to the student's steps
+    (CausVid), all from the fine-tuned teacher."""
     from causvid_core import world
     from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
     from causvid_core.vae import random_vae, save_vae
@@ -933,14 +935,23 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     args = ["pipeline", "--preset", "wan-tiny", "--teacher", tmp_path / "teacher.safetensors", "--vae",
             tmp_path / "vae.safetensors", "--text-encoder", tmp_path / "text.safetensors", "--prompts",
             tmp_path / "prompts.txt", "--videos", videos, "--set", "dmd.generator_input=data", "--out", run_dir,
-            "--set", "ode_init.checkpointing=true", "--set", "dmd.checkpointing=true"]  # activation checkpointing on
+            "--set", "ode_init.checkpointing=true", "--set", "dmd.checkpointing=true",  # activation checkpointing
+            "--set", "teacher.steps=3", "--set", "causal_teacher.steps=2", "--set", "dmd.real_score=causal-teacher"]
+    without_videos = [a for a in args if a not in ("--videos", videos)]
+    assert causvid_train(list(map(str, without_videos))) == 2  # fine-tuning needs the clips
+    assert "pass --videos" in capsys.readouterr().err and not run_dir.exists()
     assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     done = json.loads((run_dir / "video-latents" / "DONE.json").read_text())
     assert done["clips"] == 3 and done["unreadable"] == 2, done
     assert "broken.mp4" in err and "nocaption.mp4" in err
-    assert json.loads((run_dir / "dmd" / "DONE.json").read_text())["generator_input"] == "data"
+    dmd_done = json.loads((run_dir / "dmd" / "DONE.json").read_text())
+    assert dmd_done["generator_input"] == "data" and dmd_done["real_score"] == "causal-teacher"
     assert (run_dir / "student.safetensors").exists()
+    tuned = load_dit(run_dir / "teacher" / "teacher.safetensors").state_dict()
+    assert len([json.loads(l) for l in (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()]) >= 2
+    assert max((tuned[k] - v).abs().max().item() for k, v in teacher.state_dict().items()) > 0  # it trained
+    assert (run_dir / "causal-teacher" / "causal_teacher.safetensors").exists()
 
 
 @pytest.mark.parametrize("strategy,first,then", [("ddp", 1, 2), ("fsdp", 1, 2), ("fsdp", 2, 1)])

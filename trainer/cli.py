@@ -9,6 +9,7 @@
     causvid-train restore --preset shapes --out runs/new --stages vae,text   # just these (the teacher trains anew)
     causvid-train diagnose --preset shapes --out runs/shapes   # where the teacher loses prompts (JSON)
     causvid-train lora --preset shapes --out runs/shapes --rank 32   # student - teacher as a ComfyUI LoRA
+    causvid-train bench-memory --preset wan-1.3b --gpus 8 --set dmd.grad_accum=8   # per-GPU DMD memory (JSON)
     accelerate launch --multi_gpu --num_processes 2 -m trainer.cli teacher ...   # several processes (DDP);
     (on CPU: --multi_gpu with the CPU Accelerator gives gloo DDP; torchrun works too)
 
@@ -24,14 +25,16 @@ from typing import Optional, Sequence
 from .config import PRESETS, apply_overrides, preset, validate
 
 STAGE_NAMES = ("text-embeds", "video-latents", "vae", "vae-decoder", "text", "teacher", "teacher-refine", "causal-teacher", "ode-pairs", "ode-init",
-               "dmd", "export", "lora", "pipeline", "ablation", "publish", "results", "restore", "diagnose")
+               "dmd", "export", "lora", "pipeline", "ablation", "publish", "results", "restore", "diagnose",
+               "bench-memory")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="causvid-train", description="Train CausVid-style causal students.")
     p.add_argument("stage", choices=STAGE_NAMES)
     p.add_argument("--preset", default="micro", choices=sorted(PRESETS))
-    p.add_argument("--out", required=True, help="run folder (each stage writes a subfolder; reruns resume)")
+    p.add_argument("--out", help="run folder (each stage writes a subfolder; reruns resume); required but for "
+                                 "bench-memory")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override a config field, e.g. --set dmd.steps=200")
     p.add_argument("--stages", help="pipeline: comma list of stages to run (default: all); restore: of stages to restore "
@@ -54,8 +57,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--videos", help="a folder of videos with caption .txt files, or a CSV of path and caption: "
                                     "encoded once; lets DMD use them (--set dmd.generator_input=data)")
     p.add_argument("--student", help="lora: the fine-tuned model (default: the run's exported student)")
+    p.add_argument("--gpus", type=int, default=8, help="bench-memory: the GPUs the DMD step is sharded over")
+    p.add_argument("--size", default="832x480", help="bench-memory: WIDTHxHEIGHT of the clips in pixels")
+    p.add_argument("--frames", type=int, default=81, help="bench-memory: pixel frames of a clip (4k+1)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    if args.stage == "bench-memory":
+        return _bench_memory(args)
+    if args.out is None:
+        p.error("the following arguments are required: --out")
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
         if args.stage not in ("lora",):
@@ -90,6 +100,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2 if isinstance(exc, (FileNotFoundError, ValueError)) else 1
     finally:
         _end_processes()
+
+
+def _bench_memory(args) -> int:
+    """The per-GPU memory of one DMD step of the preset at real size, as JSON (trainer/memory.py)."""
+    from .config import parallel_problems
+    from .memory import bench_dmd_memory
+
+    try:
+        cfg = apply_overrides(preset(args.preset), args.set)
+        problems = parallel_problems(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+        width, sep, height = args.size.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise ValueError(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 832x480")
+        if args.gpus < 1:
+            raise ValueError(f"--gpus {args.gpus}: at least 1")
+        result = bench_dmd_memory(cfg, gpus=args.gpus, size=(int(width), int(height)), frames=args.frames)
+    except ValueError as exc:
+        if args.debug:
+            raise
+        print(f"causvid-train bench-memory: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
 
 
 def _end_processes() -> None:

@@ -1,8 +1,9 @@
 """Training configs: one dataclass per stage, grouped in `TrainConfig`, with named presets.
 
 Presets: `micro` (every stage in minutes on 2 CPU cores: proves the pipeline), `shapes` (the built-in
-model on Shapes World), `wan-1.3b` (the paper's recipe on Wan2.1-T2V-1.3B for GPU clusters:
-documented and constructible, not run here). Any field can be overridden from the command line with
+model on Shapes World), `wan-1.3b` and `wan-14b` (the papers' recipe on a user's Wan2.1-T2V teacher for GPU
+clusters: FSDP, bf16, activation checkpointing; run here only through `wan-tiny`, the same code at toy size,
+and `causvid-train bench-memory`), `wan-tiny`. Any field can be overridden from the command line with
 `--set stage.field=value` (e.g. `--set dmd.steps=200 --set teacher.lr=2e-4`).
 """
 from __future__ import annotations
@@ -310,19 +311,32 @@ def shapes() -> TrainConfig:
     )
 
 
-def wan_1_3b() -> TrainConfig:
-    """The paper's recipe at full size (reference/causal-wan.md section 7); for GPU clusters."""
+def wan_1_3b(name: str = "wan-1.3b", dit: str = "wan2.1-t2v-1.3b") -> TrainConfig:
+    """The papers' recipe at full size (reference/causal-wan.md section 7) for GPU clusters: FSDP with bf16
+    weights in compute, float32 gradients and optimizer state, activation checkpointing. Global batches are
+    the papers' (64 GPUs): on N GPUs, --set dmd.grad_accum=64/N (and ode_init.grad_accum=64/N) keeps them.
+    teacher / causal_teacher steps > 0 fine-tune the user's teacher on their clips (--videos) first."""
+    tuned = dict(batch=64, lr=2e-6, checkpointing=True, log_every=1, ckpt_every=50)
     return TrainConfig(
-        name="wan-1.3b",
-        data=DataConfig(clip_frames=81, num_clips=0),
-        dit=DiTArch(preset="wan2.1-t2v-1.3b"),
-        teacher=TeacherStage(steps=0, batch=64, lr=2e-6, shift=8.0),
+        name=name,
+        parallel=ParallelConfig(strategy="fsdp", param_dtype="bfloat16"),
+        data=DataConfig(height=480, width=832, clip_frames=81, num_clips=0),
+        dit=DiTArch(preset=dit),
+        teacher=TeacherStage(steps=0, shift=8.0, **tuned),
+        causal_teacher=CausalTeacherStage(steps=0, **tuned),
         ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=6.0, batch=1),
-        ode_init=ODEInitStage(steps=3000, batch=128, lr=2e-6),
+        ode_init=ODEInitStage(steps=3000, batch=128, lr=2e-6, checkpointing=True, log_every=10, ckpt_every=250),
         dmd=DMDStage(steps=600, batch=64, lr=2e-6, lr_critic=4e-7, gen_every=5, guidance=3.0, ema=0.99,
-                     ema_start=200, generator_input="rollout", weight_decay=0.01),
+                     ema_start=200, generator_input="rollout", weight_decay=0.01, checkpointing=True, log_every=1,
+                     ckpt_every=50),
         student=StudentConfig(steps_preset="self-forcing-4step", chunk_frames=3),
     )
+
+
+def wan_14b() -> TrainConfig:
+    """The same recipe on Wan2.1-T2V-14B (as Krea Realtime distilled it with Self-Forcing's DMD): the 14B
+    teacher, critic and real score only fit sharded (reference/causal-wan.md section 7)."""
+    return wan_1_3b(name="wan-14b", dit="wan2.1-t2v-14b")
 
 
 def wan_tiny() -> TrainConfig:
@@ -331,6 +345,8 @@ def wan_tiny() -> TrainConfig:
     return TrainConfig(
         name="wan-tiny",
         data=DataConfig(height=32, width=32, clip_frames=9, num_clips=0),
+        teacher=TeacherStage(steps=0, batch=2, lr=1e-3, shift=8.0, log_every=2, ckpt_every=2),
+        causal_teacher=CausalTeacherStage(steps=0, batch=2, lr=1e-3, log_every=2, ckpt_every=2),
         ode_pairs=ODEPairsStage(num_pairs=4, teacher_steps=8, guidance=3.0, batch=2),
         ode_init=ODEInitStage(steps=4, batch=2, lr=1e-3, log_every=2, ckpt_every=2),
         dmd=DMDStage(steps=4, batch=2, lr=1e-3, lr_critic=1e-3, gen_every=2, guidance=3.0, ema=0.5,
@@ -339,7 +355,7 @@ def wan_tiny() -> TrainConfig:
     )
 
 
-PRESETS = {"micro": micro, "shapes": shapes, "wan-1.3b": wan_1_3b, "wan-tiny": wan_tiny}
+PRESETS = {"micro": micro, "shapes": shapes, "wan-1.3b": wan_1_3b, "wan-14b": wan_14b, "wan-tiny": wan_tiny}
 
 
 def preset(name: str) -> TrainConfig:
@@ -380,10 +396,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append(f"ode_pairs.num_pairs must be a whole number >= 1, got {op.num_pairs!r}")
     if not isinstance(op.teacher_steps, int) or op.teacher_steps < 4 or op.teacher_steps % 4:
         problems.append(f"ode_pairs.teacher_steps must be a multiple of 4, got {op.teacher_steps!r}")
-    if cfg.parallel.strategy not in ("ddp", "fsdp"):
-        problems.append(f"parallel.strategy must be ddp or fsdp, got {cfg.parallel.strategy!r}")
-    if cfg.parallel.param_dtype not in ("float32", "bfloat16"):
-        problems.append(f"parallel.param_dtype must be float32 or bfloat16, got {cfg.parallel.param_dtype!r}")
+    problems += parallel_problems(cfg)
     given = [n for n in ("vae", "text_encoder", "prompts", "videos") if getattr(cfg.inputs, n) is not None]
     if given and not cfg.inputs.active:
         problems.append(f"--{given[0].replace('_', '-')} is for distilling your own teacher: pass --teacher too")
@@ -399,9 +412,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                             "do not apply to your own data: use --preset wan-tiny, or set them to 0")
         if cfg.inputs.videos is None and cfg.dmd.generator_input != "rollout":
             problems.append("dmd.generator_input=data needs a video set (--videos): without one use rollout")
+        tuned = [n for n in ("teacher", "causal_teacher") if getattr(cfg, n).steps > 0]
+        if tuned and cfg.inputs.videos is None:
+            problems.append(f"{tuned[0]}.steps > 0 fine-tunes on your clips: pass --videos, or set it to 0")
+        if cfg.teacher_refine.steps > 0 or cfg.data.roll:
+            problems.append("teacher_refine and data.roll are Shapes World's: set teacher_refine.steps=0 and "
+                            "data.roll=false for your own data")
+        if cfg.dmd.real_score == "causal-teacher" and cfg.causal_teacher.steps <= 0:
+            problems.append("dmd.real_score=causal-teacher needs the causal-teacher stage: set causal_teacher.steps")
     if problems:
         raise ValueError("invalid training settings: " + "; ".join(problems))
     return cfg
+
+
+def parallel_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    if cfg.parallel.strategy not in ("ddp", "fsdp"):
+        problems.append(f"parallel.strategy must be ddp or fsdp, got {cfg.parallel.strategy!r}")
+    if cfg.parallel.param_dtype not in ("float32", "bfloat16"):
+        problems.append(f"parallel.param_dtype must be float32 or bfloat16, got {cfg.parallel.param_dtype!r}")
+    return problems
 
 
 def _typed(value: Any, current: Any, item: str) -> Any:

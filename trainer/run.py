@@ -34,6 +34,23 @@ def make_accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+class SampleDraws:
+    """Per-sample random draws on the host: sample i at step s for a purpose always gets the same numbers."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def generator(self, step: int, index: int, purpose: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(noise_seed(self.seed, step, index, purpose))
+
+    def randn(self, step: int, indices: list[int], shape: tuple[int, ...], purpose: int = 0) -> Tensor:
+        """[len(indices), *shape] Gaussian noise, each sample's own draw."""
+        return torch.stack([torch.randn(shape, generator=self.generator(step, i, purpose)) for i in indices])
+
+    def rand(self, step: int, indices: list[int], shape: tuple[int, ...] = (), purpose: int = 1) -> Tensor:
+        return torch.stack([torch.rand(shape, generator=self.generator(step, i, purpose)) for i in indices])
+
+
 class StageRun:
     """One stage's run in `root/<name>/`: state.pt (resume), metrics.jsonl, DONE.json when finished, and
     seconds.json: the wall-clock seconds spent on the stage so far, over every process that ran it (counted
@@ -43,6 +60,8 @@ class StageRun:
     def __init__(self, root: str | os.PathLike, name: str, seed: int, accelerator=None):
         self.dir = Path(root) / name
         self.name, self.seed = name, seed
+        self.draws = SampleDraws(seed)
+        self._mesh = None  # FSDP's device mesh, made at the first shard()
         self.acc = accelerator if accelerator is not None else make_accelerator()
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.missing: set[str] = set()  # optional state keys the resumed state.pt did not have
@@ -68,7 +87,9 @@ class StageRun:
 
     def shard(self, model: torch.nn.Module, parallel) -> torch.nn.Module:
         """A DiT sharded over the processes under parallel.strategy=fsdp (trainer/sharding.py), else as it is."""
-        return sharding.shard(model, parallel, self.world, self.device)
+        if parallel.strategy == "fsdp" and self.world > 1 and self._mesh is None:
+            self._mesh = sharding.mesh_for(self.world, self.device)
+        return sharding.shard(model, parallel, self.world, self.device, self._mesh)
 
     def mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics averaged over the processes (each saw its slice of the batch): what one process would log.
@@ -96,14 +117,13 @@ class StageRun:
 
     # -- randomness and data -------------------------------------------------------------------------
     def generator(self, step: int, index: int, purpose: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(noise_seed(self.seed, step, index, purpose))
+        return self.draws.generator(step, index, purpose)
 
     def randn(self, step: int, indices: list[int], shape: tuple[int, ...], purpose: int = 0) -> Tensor:
-        """[len(indices), *shape] Gaussian noise, each sample's own draw."""
-        return torch.stack([torch.randn(shape, generator=self.generator(step, i, purpose)) for i in indices])
+        return self.draws.randn(step, indices, shape, purpose)
 
     def rand(self, step: int, indices: list[int], shape: tuple[int, ...] = (), purpose: int = 1) -> Tensor:
-        return torch.stack([torch.rand(shape, generator=self.generator(step, i, purpose)) for i in indices])
+        return self.draws.rand(step, indices, shape, purpose)
 
     def local_indices(self, step: int, batch: int, grad_accum: int = 1) -> list[list[int]]:
         """This process's sample indices of a step, split into grad_accum micro-batches."""

@@ -27,19 +27,26 @@ def _dtensor():
     return DTensor
 
 
-def shard(model: nn.Module, parallel, world: int, device: torch.device) -> nn.Module:
+def mesh_for(world: int, device: torch.device):
+    """The 1-D device mesh of all `world` processes (FSDP's)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world,))
+
+
+def shard(model: nn.Module, parallel, world: int, device: torch.device, mesh=None) -> nn.Module:
     """The model sharded over `world` processes when parallel.strategy is fsdp (in place); else unchanged.
     Each of model.blocks is its own unit (one block's full weights are gathered at a time), the rest (patch
-    embedding, text and time embeddings, head) the root's."""
+    embedding, text and time embeddings, head) the root's. mesh: mesh_for(world, device) (made here if None)."""
     if parallel.strategy != "fsdp" or world == 1:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = mesh if mesh is not None else mesh_for(world, device)
     # weights are gathered in param_dtype for compute; gradients are reduced and kept in float32
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[parallel.param_dtype], reduce_dtype=torch.float32)
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # a meta-built model is materialised after (to_empty)
+        model.to(device)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)

@@ -11,9 +11,8 @@ from causvid_core.flow import FlowGrid
 from ..config import TrainConfig
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
-from .common import encode, grid_index, load_frozen, output, require, save_stage_dit, stage_dit, teacher_stage
-from .teacher import check_roll, latent_batch, latent_set
-from causvid_core.text import load_text_encoder
+from .common import encode, grid_index, output, save_stage_dit, stage_dit, teacher_path
+from .teacher import latent_batch, training_data
 
 
 def chunk_timesteps(grid: FlowGrid, u: torch.Tensor, frames: int, chunk: int) -> torch.Tensor:
@@ -28,13 +27,10 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     if r.done:
         return
     sc, chunk = cfg.causal_teacher, cfg.student.chunk_frames
-    text = load_frozen(require(root, "text"), load_text_encoder)
-    data = latent_set(cfg, root, r)
-    model = r.shard(stage_dit(require(root, teacher_stage(cfg)), sc.attention, checkpointing=sc.checkpointing),
-                    cfg.parallel)
+    text, data = training_data(cfg, root, r)
+    model = r.shard(stage_dit(teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing), cfg.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)
-    check_roll(cfg, root)
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
         x0, prompts = latent_batch(cfg, r, data, step, idx)

@@ -125,8 +125,11 @@ def contrast_negatives(text_encoder, prompts: list[str], weight: float, words) -
 # -- a user's own teacher, text encoder and prompts (cfg.inputs) ------------------------------------------------
 
 def teacher_path(cfg: TrainConfig, root: str | Path) -> Path:
-    """The run's teacher: the user's file (--teacher), or the teacher stage's output."""
-    return Path(cfg.inputs.teacher) if cfg.inputs.active else require(root, teacher_stage(cfg))
+    """The run's teacher: the user's file (--teacher), or the teacher stage's output (in a user run: when the
+    teacher stage fine-tuned the user's teacher on their clips)."""
+    if cfg.inputs.active and cfg.teacher.steps <= 0:
+        return Path(cfg.inputs.teacher)
+    return require(root, teacher_stage(cfg))
 
 
 def text_source(cfg: TrainConfig, root: str | Path):

@@ -185,11 +185,15 @@ class DMDStep:
         return total
 
 
-def build_models(cfg: TrainConfig, r, gen, critic, real):
-    """The generator's EMA, everything sharded under parallel.strategy=fsdp, and the two optimizers."""
+def build_models(cfg: TrainConfig, r, gen, critic, real, place=None):
+    """The generator's EMA, everything sharded under parallel.strategy=fsdp (r.shard), and the two optimizers.
+    place(model): called on each model once sharded (the memory bench materialises meta-built ones there)."""
     sc = cfg.dmd
     ema = r.shard(copy.deepcopy(gen).eval().requires_grad_(False), cfg.parallel)
     critic, real, gen = (r.shard(m, cfg.parallel) for m in (critic, real, gen))
+    if place is not None:
+        for m in (gen, critic, real, ema):
+            place(m)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     return gen, critic, real, ema, opt_g, opt_c

@@ -1,4 +1,5 @@
-"""Bidirectional flow-matching teacher on the VAE latents of Shapes World clips, with condition
+"""Bidirectional flow-matching teacher on the VAE latents of Shapes World clips (or, in a user run, the user's
+teacher fine-tuned on their video set), with condition
 dropout (empty prompt) for classifier-free guidance. The saved teacher is the exponential moving
 average of the weights (when `ema` > 0), trained at a learning rate that decays to zero from
 `decay_from`: diffusion samples from raw weights at a constant rate are visibly noisier. The optional
@@ -19,7 +20,8 @@ from ..data import LatentSet, torus_roll
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
 from ..schedules import lr_at, update_ema
-from .common import encode, grid_index, load_frozen, new_dit, output, require, save_stage_dit, stage_dit
+from .common import (encode, grid_index, load_frozen, new_dit, output, require, require_stage, save_stage_dit,
+                     stage_dit, text_source)
 
 REFINE_LATENTS = "latents-refine.safetensors"  # the teacher-refine stage's bigger clip set
 
@@ -49,12 +51,23 @@ def check_roll(cfg: TrainConfig, root: Path) -> None:
                          "vae.overrides.padding=circular, or data.roll=false")
 
 
-def flow_matching_batches(cfg: TrainConfig, run: StageRun, text, data: LatentSet):
+def training_data(cfg: TrainConfig, root: Path, run: StageRun):
+    """(text encoder, clips) of the stages that fine-tune a teacher: a user run's stored embeddings and video
+    set (--videos), or the text stage's encoder and the Shapes World latent set."""
+    if cfg.inputs.active:
+        from ..userdata import VideoLatentSet
+
+        if cfg.inputs.videos is None:
+            raise ValueError(f"the {run.name} stage trains on videos: pass --videos (or set its steps to 0)")
+        return text_source(cfg, root), VideoLatentSet(require_stage(root, "video-latents"))
+    check_roll(cfg, root)
+    return load_frozen(require(root, "text"), load_text_encoder), latent_set(cfg, root, run)
+
+
+def flow_matching_batches(cfg: TrainConfig, run: StageRun, text, data):
     """The teacher's loss: flow matching on the shifted grid, prompts dropped (empty) for CFG."""
     sc = cfg.teacher
     grid = FlowGrid(sc.shift)
-
-    check_roll(cfg, run.dir.parent)
 
     def loss_fn(step: int, idx: list[int], m) -> tuple[torch.Tensor, dict]:
         x0, prompts = latent_batch(cfg, run, data, step, idx)
@@ -74,10 +87,12 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     if r.done:
         return
     sc = cfg.teacher
-    text = load_frozen(require(root, "text"), load_text_encoder)
-    loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r))
-    model = new_dit(cfg, sc.attention)
-    model.gradient_checkpointing = sc.checkpointing
+    loss_fn = flow_matching_batches(cfg, r, *training_data(cfg, root, r))
+    if cfg.inputs.active:  # a user's teacher, fine-tuned on their clips
+        model = stage_dit(Path(cfg.inputs.teacher), sc.attention, checkpointing=sc.checkpointing)
+    else:
+        model = new_dit(cfg, sc.attention)
+        model.gradient_checkpointing = sc.checkpointing
     ema = r.shard(copy.deepcopy(model).eval().requires_grad_(False), cfg.parallel) if sc.ema else None
     model = r.shard(model, cfg.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
@@ -104,6 +119,7 @@ def refine(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     if sc.num_clips <= cfg.data.num_clips:
         raise ValueError(f"teacher_refine.num_clips ({sc.num_clips}) must exceed data.num_clips "
                          f"({cfg.data.num_clips}), the teacher's own clips: refining on them adds nothing")
+    check_roll(cfg, root)
     text = load_frozen(require(root, "text"), load_text_encoder)
     loss_fn = flow_matching_batches(cfg, r, text, latent_set(cfg, root, r, sc.num_clips, REFINE_LATENTS))
     model = stage_dit(require(root, "teacher"), sc.attention, checkpointing=sc.checkpointing)

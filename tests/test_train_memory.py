@@ -1,0 +1,68 @@
+"""`causvid-train bench-memory`: the fake-tensor accounting of a DMD step equals a real run's at small size, FSDP
+over a fake process group shards the model states, and the CLI prints the JSON line (and refuses bad input)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.config import apply_overrides, preset
+from trainer.memory import bench_dmd_memory
+
+SMALL = dict(size=(32, 32), frames=9)
+
+
+def cpu_flash(q, k, v):
+    """The CPU's flash kernel (output and log-sum-exp, no attention matrix), which also runs on fake tensors: the
+    same allocations in both runs."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+
+
+def tiny(*sets: str):
+    return apply_overrides(preset("wan-tiny"), ["dmd.checkpointing=true", *sets])
+
+
+@pytest.mark.parametrize("generator_input", ["rollout", "data"])
+def test_fake_accounting_of_a_dmd_step_equals_a_real_run(generator_input):
+    cfg = tiny(f"dmd.generator_input={generator_input}", "dmd.grad_accum=2")
+    fake = bench_dmd_memory(cfg, gpus=1, attention=cpu_flash, **SMALL)
+    real = bench_dmd_memory(cfg, gpus=1, attention=cpu_flash, real_device="cpu", **SMALL)
+    assert real["measured_on"] == "a real run on cpu" and fake["micro_batches_run"] == 2
+    assert fake["parts"]["model_states_before_step"] == real["parts"]["model_states_before_step"]
+    assert fake["parts"]["optimizer_states"] == real["parts"]["optimizer_states"]
+    assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.02 * real["peak_bytes"], (fake, real)
+    assert fake["parts"]["step_peak_over_resident"] > 0
+
+
+def test_fsdp_over_a_fake_process_group_shards_the_model_states():
+    one = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=1, attention=cpu_flash, **SMALL)
+    two = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, **SMALL)
+    for key in ("model_states_before_step", "optimizer_states"):
+        half = one["parts"][key] / 2
+        assert abs(two["parts"][key] - half) <= 0.05 * half, (key, one["parts"][key], two["parts"][key])
+    assert two["micro_batch_per_gpu"] == 1 and one["micro_batch_per_gpu"] == 2
+    assert not torch.distributed.is_initialized()  # the fake process group is taken down
+
+
+def test_bench_memory_cli_prints_json_and_refuses_bad_input(capsys):
+    from trainer.cli import main as causvid_train
+
+    base = ["bench-memory", "--preset", "wan-tiny", "--size", "32x32", "--frames", "9", "--gpus", "1"]
+    assert causvid_train(base) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["bench"] == "train-memory" and row["peak_bytes"] > row["parts"]["model_states_before_step"] > 0
+    for bad, says in ((["--size", "32"], "WIDTHxHEIGHT"), (["--gpus", "3"], "multiple of gpus"),
+                      (["--frames", "8"], "4k+1"), (["--set", "parallel.strategy=zero"], "ddp or fsdp")):
+        assert causvid_train(base + bad) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_a_real_cuda_dmd_step_allocates_what_the_tracker_counts():
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    real = bench_dmd_memory(tiny("parallel.param_dtype=float32"), gpus=1, real_device="cuda", **SMALL)
+    allocated = torch.cuda.max_memory_allocated() - base
+    assert abs(real["peak_bytes"] - allocated) <= 0.1 * allocated, (real["peak_bytes"], allocated)
