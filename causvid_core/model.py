@@ -78,8 +78,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, frames: int) -> Tensor:
 def gated_add(x: Tensor, y: Tensor, gate: Tensor, frames: int) -> Tensor:
     """x + y * gate with a per-frame gate [B, F or 1, 1, D], in float32."""
     B, L, D = y.shape
-    out = x.float().view(B, frames, L // frames, D) + y.float().view(B, frames, L // frames, D) * gate
-    return out.view(B, L, D).type_as(x)
+    # the sum is a fresh tensor, not a view (FSDP warns of a block returning a view: in-place ops would skip hooks)
+    out = x.float() + (y.float().view(B, frames, L // frames, D) * gate).view(B, L, D)
+    return out.type_as(x)
 
 
 def _modulation(module: nn.Module) -> Tensor:

@@ -345,10 +345,10 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def _launch_two(root: Path, sets, port: int, stage: str = "teacher") -> list:
-    """A micro stage in two gloo processes (accelerate launch)."""
-    return [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            *_teacher_cmd(root, *sets, stage=stage)[1:]]
+    """A micro stage in two gloo processes (accelerate launch with the shipped one-machine config)."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "one_node.yaml"
+    return [PY, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+            "--main_process_port", str(port), *_teacher_cmd(root, *sets, stage=stage)[1:]]
 
 
 def _two_processes(root: Path, sets, port: int, stage: str = "teacher") -> subprocess.CompletedProcess:
