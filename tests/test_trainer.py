@@ -879,7 +879,7 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
                        '{"caption": "a green triangle moving left on a navy background"}\n')
     run_dir = tmp_path / "run"
     args = ["pipeline", "--preset", "wan-tiny", "--teacher", folder, "--vae", tmp_path / "Wan2.1_VAE.pth",
-            "--text-encoder", umt5, "--prompts", prompts, "--out", run_dir]
+            "--text-encoder", umt5, "--prompts", prompts, "--out", run_dir, "--set", "student.export_dtype=bfloat16"]
     assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "prompts.jsonl line 3" in err  # the unreadable row is reported
@@ -888,6 +888,9 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
     for stage in ("ode-pairs", "ode-init", "dmd", "export"):
         assert (run_dir / stage / "DONE.json").exists(), stage
     assert not (run_dir / "teacher").exists() and not (run_dir / "vae").exists()  # the user's own are used
+    from safetensors import safe_open
+    with safe_open(str(run_dir / "student.safetensors"), "pt") as f:  # as ComfyUI's Wan repacks: bf16, Wan keys
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"} and "blocks.0.self_attn.q.weight" in f.keys()
 
     gen = ["generate", "--vae", tmp_path / "Wan2.1_VAE.pth", "--text-encoder", umt5,
            "--prompt", "a red circle moving right on a black background", "--width", "32", "--height", "32",

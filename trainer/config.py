@@ -208,6 +208,7 @@ class StudentConfig:
     chunk_frames: int = 3
     window_frames: Optional[int] = None  # rolling window the student is exported for (None: full cache)
     sink_frames: int = 0
+    export_dtype: str = "float32"  # the exported student's weights ("bfloat16": ComfyUI's Wan repacks' dtype)
 
 
 @dataclass
@@ -329,7 +330,7 @@ def wan_1_3b(name: str = "wan-1.3b", dit: str = "wan2.1-t2v-1.3b") -> TrainConfi
         dmd=DMDStage(steps=600, batch=64, lr=2e-6, lr_critic=4e-7, gen_every=5, guidance=3.0, ema=0.99,
                      ema_start=200, generator_input="rollout", weight_decay=0.01, checkpointing=True, log_every=1,
                      ckpt_every=50),
-        student=StudentConfig(steps_preset="self-forcing-4step", chunk_frames=3),
+        student=StudentConfig(steps_preset="self-forcing-4step", chunk_frames=3, export_dtype="bfloat16"),
     )
 
 
@@ -397,6 +398,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not isinstance(op.teacher_steps, int) or op.teacher_steps < 4 or op.teacher_steps % 4:
         problems.append(f"ode_pairs.teacher_steps must be a multiple of 4, got {op.teacher_steps!r}")
     problems += parallel_problems(cfg)
+    if cfg.student.export_dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"student.export_dtype must be float32, bfloat16 or float16, got {cfg.student.export_dtype!r}")
     given = [n for n in ("vae", "text_encoder", "prompts", "videos") if getattr(cfg.inputs, n) is not None]
     if given and not cfg.inputs.active:
         problems.append(f"--{given[0].replace('_', '-')} is for distilling your own teacher: pass --teacher too")
