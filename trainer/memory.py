@@ -37,9 +37,6 @@ class _Rank:
         # before fake mode: a mesh is made of real tensors
         self.mesh = mesh_for(world, self.device) if world > 1 else None
 
-    @classmethod
-    def single(cls, device: str) -> "_Rank":
-        return cls(1, device)
 
     def shard(self, model, parallel):
         return shard(model, parallel, self.world, self.device, self.mesh)
@@ -71,7 +68,7 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from .stages.dmd import DMDStep, Draws, MicroBatch, build_models
+    from .stages.dmd import DMDStep, Draws, MicroBatch, optimizers
 
     sc, dcfg = cfg.dmd, dit_config(cfg)
     width, height = size
@@ -108,16 +105,20 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
             return m.train().requires_grad_(True) if trained else m.eval().requires_grad_(False)
 
         dev = real_device or "cpu"  # fake: the GPU of rank 0, every tensor of the step lives here
-        models = dit(True), dit(True), dit(False)
+        models = dit(True), dit(True), dit(False), dit(False)  # generator, critic, real score, the generator's EMA
         rank = _Rank(gpus) if fake else None
         mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         with mode, MemoryTracker() as tr:
-            if fake:
-                gen, critic, real, ema, opt_g, opt_c = build_models(cfg, rank, *models,
-                                                                    place=lambda m: _materialise(m, dev))
+            gen, critic, real, ema = models
+            if fake:  # sharded, then materialised as (fake) shards
+                for m in models:
+                    rank.shard(m, cfg.parallel)
+                    _materialise(m, dev)
             else:
-                gen, critic, real, ema, opt_g, opt_c = build_models(cfg, _Rank.single(dev), *(m.to(dev) for m in models))
-                tr.track(gen, critic, real, ema)
+                for m in models:
+                    m.to(dev)
+                tr.track(*models)
+            opt_g, opt_c = optimizers(sc, gen, critic)
             # the shards' own bytes: materialising sharded meta weights leaves storages the tracker keeps seeing
             weights = sum(_local_bytes(m) for m in (gen, critic, real, ema))
             baseline = tr.current_bytes(dev)

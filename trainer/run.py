@@ -85,9 +85,13 @@ class StageRun:
     def is_main(self) -> bool:
         return self.acc.is_main_process
 
+    def sharding(self, parallel) -> bool:
+        """Whether shard() shards: FSDP asked for, and more than one process."""
+        return parallel.strategy == "fsdp" and self.world > 1
+
     def shard(self, model: torch.nn.Module, parallel) -> torch.nn.Module:
         """A DiT sharded over the processes under parallel.strategy=fsdp (trainer/sharding.py), else as it is."""
-        if parallel.strategy == "fsdp" and self.world > 1 and self._mesh is None:
+        if self.sharding(parallel) and self._mesh is None:
             self._mesh = sharding.mesh_for(self.world, self.device)
         return sharding.shard(model, parallel, self.world, self.device, self._mesh)
 

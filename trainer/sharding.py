@@ -45,8 +45,8 @@ def shard(model: nn.Module, parallel, world: int, device: torch.device, mesh=Non
     mesh = mesh if mesh is not None else mesh_for(world, device)
     # weights are gathered in param_dtype for compute; gradients are reduced and kept in float32
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[parallel.param_dtype], reduce_dtype=torch.float32)
-    if not any(p.is_meta for p in model.parameters()):  # a meta-built model is materialised after (to_empty)
-        model.to(device)
+    # no model.to(device) first: fully_shard moves each unit's weights to the mesh's device as it shards them,
+    # so a whole model is never on one GPU (a meta-built one is materialised after, with to_empty)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=parallel.reshard_after_forward)

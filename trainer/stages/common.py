@@ -71,6 +71,44 @@ def new_dit(cfg: TrainConfig, attention: str = "sdpa") -> WanDiT:
     return model
 
 
+def stage_dits(r, parallel, path: Path, attention: str = "sdpa", frozen: tuple[bool, ...] = (False,),
+               checkpointing: bool = False) -> list[WanDiT]:
+    """DiTs of the file in `path` on the stage's device, one per entry of `frozen` (a trained one and its EMA,
+    say), sharded under parallel.strategy=fsdp: then each is built on the meta device and sharded first, and
+    all are filled from one load of the file on the host, tensor by tensor. A process never holds more than
+    one whole copy, on the host, and none on the GPU (for 14B: 57 GB once, not once per copy and per GPU)."""
+    from ..sharding import load_full_state
+
+    if not r.sharding(parallel):
+        first = stage_dit(path, attention, frozen[0], checkpointing).to(r.device)
+        return [first] + [_copy_dit(first, f, checkpointing) for f in frozen[1:]]
+    whole = load_dit(path, attention=attention)  # the host copy, dropped once every shard is cut from it
+    state = whole.state_dict()
+    models = []
+    for f in frozen:
+        with torch.device("meta"):
+            m = WanDiT(whole.config, attention=attention)
+        m = _frozen_or_trained(m, f, checkpointing)
+        r.shard(m, parallel)
+        m.to_empty(device=r.device)
+        load_full_state(m, state)
+        models.append(m)
+    return models
+
+
+def _copy_dit(model: WanDiT, frozen: bool, checkpointing: bool) -> WanDiT:
+    import copy
+
+    return _frozen_or_trained(copy.deepcopy(model), frozen, checkpointing)
+
+
+def _frozen_or_trained(model: WanDiT, frozen: bool, checkpointing: bool) -> WanDiT:
+    if frozen:
+        return model.requires_grad_(False).eval()
+    model.gradient_checkpointing = checkpointing
+    return model.train().requires_grad_(True)
+
+
 def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False, checkpointing: bool = False) -> WanDiT:
     """A DiT of an earlier stage running the given attention kernel (a stage's `attention`): in train mode
     with gradients (and activation checkpointing if asked), or frozen (eval mode, no gradients)."""

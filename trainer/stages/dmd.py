@@ -12,7 +12,6 @@ Gradients are averaged across processes by hand (the generator runs several forw
 parallel.strategy=fsdp, by FSDP's reduce-scatter of each sharded DiT."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from ..run import StageRun, autocast
 from ..sharding import clip_grad_norm, compute_dtype, is_sharded
 from ..schedules import update_ema
 from .common import (contrast_negatives, encode, grid_index, latent_shape, output, require, require_stage, run_prompts,
-                     save_stage_dit, stage_dit, student_steps, teacher_path, text_source)
+                     save_stage_dit, stage_dits, student_steps, teacher_path, text_source)
 from .teacher import latent_set
 
 RENOISE = 100  # the first draw purpose of the rollout's re-noising (0-10 are the step's other draws)
@@ -185,18 +184,11 @@ class DMDStep:
         return total
 
 
-def build_models(cfg: TrainConfig, r, gen, critic, real, place=None):
-    """The generator's EMA, everything sharded under parallel.strategy=fsdp (r.shard), and the two optimizers.
-    place(model): called on each model once sharded (the memory bench materialises meta-built ones there)."""
-    sc = cfg.dmd
-    ema = r.shard(copy.deepcopy(gen).eval().requires_grad_(False), cfg.parallel)
-    critic, real, gen = (r.shard(m, cfg.parallel) for m in (critic, real, gen))
-    if place is not None:
-        for m in (gen, critic, real, ema):
-            place(m)
+def optimizers(sc: DMDStage, gen, critic) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The generator's and the critic's AdamW (made after sharding: FSDP replaces the parameters)."""
     opt_g = torch.optim.AdamW(gen.parameters(), lr=sc.lr, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=sc.lr_critic, betas=(0.0, 0.999), weight_decay=sc.weight_decay)
-    return gen, critic, real, ema, opt_g, opt_c
+    return opt_g, opt_c
 
 
 def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
@@ -211,11 +203,12 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     teacher = teacher_path(cfg, root)
     dev = r.device
     real_causal = sc.real_score == "causal-teacher"
-    gen, critic, real, ema, opt_g, opt_c = build_models(
-        cfg, r, stage_dit(require(root, "ode-init") if sc.init == "ode-init" else teacher, sc.attention,
-                          checkpointing=sc.checkpointing).to(dev),
-        stage_dit(teacher, sc.attention, checkpointing=sc.checkpointing).to(dev),
-        stage_dit(require(root, "causal-teacher") if real_causal else teacher, sc.attention, frozen=True).to(dev))
+    load = lambda path, frozen: stage_dits(r, cfg.parallel, path, sc.attention, frozen,  # noqa: E731
+                                           checkpointing=sc.checkpointing)
+    gen, ema = load(require(root, "ode-init") if sc.init == "ode-init" else teacher, (False, True))
+    (critic,) = load(teacher, (False,))
+    (real,) = load(require(root, "causal-teacher") if real_causal else teacher, (True,))
+    opt_g, opt_c = optimizers(sc, gen, critic)
     dmd = DMDStep(sc, chunk, steps, grid, gen, critic, real, ema, opt_g, opt_c, compute_dtype(gen, cfg.parallel),
                   real_causal, r.acc)
     if cfg.inputs.videos is not None:  # the user's clips: CausVid's data-noised generator input works
