@@ -230,9 +230,11 @@ class KVCache:
         self._slots = ChunkSlots(local_start, local_end, rope_start)
         return self._slots
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this chunk's k, v [B, H, n*T, d] for `layer`; return the attended window [B, H, L, d]."""
-        s = self._slots
+    def update(self, layer: int, k: Tensor, v: Tensor, slots: Optional[ChunkSlots] = None) -> tuple[Tensor, Tensor]:
+        """Write this chunk's k, v [B, H, n*T, d] for `layer`; return the attended window [B, H, L, d]. slots:
+        the chunk's (its begin()'s; default the last begun): a block recomputed in the backward pass
+        (activation checkpointing) writes and reads where its chunk did, not where the stream is now."""
+        s = slots if slots is not None else self._slots
         T = self.tokens_per_frame
         K, V = (buf[layer] for buf in self.buffers())  # [B, H, T_cap, d]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):

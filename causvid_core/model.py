@@ -382,7 +382,7 @@ class WanDiT(nn.Module):
             cross = self.cross_kv(context, clip_fea, store=cache.cross)
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                kw, vw = cache.update(layer, k.to(cache.dtype), v.to(cache.dtype))
+                kw, vw = cache.update(layer, k.to(cache.dtype), v.to(cache.dtype), slots)
                 return attention(q, kw.to(q.dtype), vw.to(q.dtype))
         else:
             rope = self.rope(tokens.device).factors(start_frame, f, h, w)
@@ -400,7 +400,9 @@ class WanDiT(nn.Module):
                                       for s, e_ in zip(starts, ends)], dim=2)
 
         frames = e0.shape[1]  # 1 (one timestep per sample) or f (per-frame timesteps)
-        checkpoint = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        # recomputing a cached chunk's block rewrites its own slots and reads the past before them, which a
+        # full cache still holds at backward time (the rollout of Self-Forcing's training); a rolling one has moved
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.rolling)
         for i, blk in enumerate(self.blocks):
             if checkpoint:
                 tokens = torch.utils.checkpoint.checkpoint(blk, tokens, e0, frames, rope, attend, i, cross,

@@ -601,6 +601,30 @@ def test_self_rollout_backpropagates_through_the_exit_step_only():
     assert gen.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
+def test_checkpointed_self_rollout_has_the_gradients_of_the_plain_one():
+    """Activation checkpointing through the KV cache: each chunk's blocks are recomputed in the backward pass,
+    writing and reading the cache where their chunk did (the refreshed past, the chunk's own slots), so the
+    gradients equal those of the rollout that kept every activation."""
+    from causvid_core.flow import FlowGrid
+    from trainer.stages.dmd import self_rollout
+    from conftest import tiny_model
+    noise = torch.randn(1, 16, 9, 2, 2)
+    cond = torch.randn(1, 4, tiny_model().config.text_dim)
+    renoise = {(c, i): torch.randn(1, 16, 3, 2, 2) for c in range(3) for i in range(3)}
+    grads = []
+    for checkpointing in (False, True):
+        gen = tiny_model(seed=3)
+        gen.train()
+        gen.gradient_checkpointing = checkpointing
+        out = self_rollout(gen, noise, cond, [1000.0, 750.0, 500.0], FlowGrid(5.0), 3, [2, 0, 1],
+                           lambda c, i, shape: renoise[c, i], torch.float32)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in gen.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    worst = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    assert worst <= 1e-5 * max(g.abs().max().item() for g in grads[0].values()), worst
+
+
 def test_presets_and_overrides():
     assert preset("wan-1.3b").dit.preset == "wan2.1-t2v-1.3b"
     cfg = apply_overrides(micro(), ["dmd.steps=7", "dit.overrides.dim=48", "dmd.generator_input=rollout"])
