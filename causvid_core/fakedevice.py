@@ -8,8 +8,9 @@ lacks (and the reverse) are checked by their meta implementations, e.g. CUDA's l
 float32 input with bf16 weights.
 
 `MemoryTracker` counts the bytes of every live tensor per device, current and peak, from the moment
-it is entered (plus what `track()` is given): each storage from its creation until Python frees it,
-rounded up to the CUDA caching allocator's 512-byte blocks. It does not see the CUDA context (~0.3-0.5
+it is entered (plus what `track()` is given): each storage from its creation until Python frees it, at its
+size (following resizes: FSDP frees and regathers weights that way), rounded up to the CUDA caching
+allocator's 512-byte blocks. It does not see the CUDA context (~0.3-0.5
 GB per process) or allocator fragmentation, which `causvid bench memory` reports separately.
 
 Nothing here is used on a real run; tests and `causvid bench memory` use it.
@@ -79,6 +80,27 @@ class MemoryTracker(TorchDispatchMode):
         self.current: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self._seen: dict[int, weakref.ref] = {}
+        self._size: dict[int, tuple[str, int]] = {}  # storage key -> (device, counted bytes)
+        self._resize = None  # UntypedStorage.resize_ while tracking
+
+    def __enter__(self):
+        # FSDP frees a gathered weight's memory by resizing its storage to 0 (and gathers into it again by
+        # resizing it back), which no tensor op shows: follow storage resizes while tracking
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracker._resized(storage)
+            return out
+
+        self._resize = original
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     # -- registering storages ---------------------------------------------------------------------
     def track(self, *objs: nn.Module | Tensor | Iterable) -> None:
@@ -103,14 +125,31 @@ class MemoryTracker(TorchDispatchMode):
         ref = self._seen.get(key)
         if ref is not None and ref() is st:
             return
-        size = -(-st.nbytes() // self.block) * self.block if st.nbytes() else 0
+        size = self._rounded(st.nbytes())
         dev = str(t.device)
         self.current[dev] += size
         self.peak[dev] = max(self.peak[dev], self.current[dev])
-        self._seen[key] = weakref.ref(st, lambda _r, key=key, dev=dev, size=size: self._free(key, dev, size))
+        self._size[key] = (dev, size)
+        self._seen[key] = weakref.ref(st, lambda _r, key=key: self._free(key))
 
-    def _free(self, key: int, dev: str, size: int) -> None:
-        self.current[dev] -= size
+    def _rounded(self, nbytes: int) -> int:
+        return -(-nbytes // self.block) * self.block if nbytes else 0
+
+    def _resized(self, st) -> None:
+        key = id(st)
+        ref = self._seen.get(key)
+        if ref is None or ref() is not st:
+            return
+        dev, old = self._size[key]
+        new = self._rounded(st.nbytes())
+        self.current[dev] += new - old
+        self.peak[dev] = max(self.peak[dev], self.current[dev])
+        self._size[key] = (dev, new)
+
+    def _free(self, key: int) -> None:
+        dev, size = self._size.pop(key, (None, 0))
+        if dev is not None:
+            self.current[dev] -= size
         self._seen.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
