@@ -146,13 +146,17 @@ class CrossAttention(nn.Module):
 
 class CrossKV:
     """One context's cross-attention K/V, layer by layer. Each block makes its own inside its forward, where
-    its weights are (a block sharded by FSDP has them gathered only there), and keeps it in `store` (a KV
-    cache's per-layer list: made once per prompt) when there is one."""
+    its weights are (a block sharded by FSDP has them gathered only there), and without gradients keeps it
+    in `store` (a KV cache's per-layer list: made once per prompt) when there is one."""
 
     def __init__(self, ctx: Optional[Tensor], ctx_img: Optional[Tensor], store: Optional[list] = None):
         self.ctx, self.ctx_img, self.store = ctx, ctx_img, store  # ctx [B, Lc, D] (None: every layer stored)
 
     def layer(self, i: int, attn: "CrossAttention") -> tuple[Tensor, ...]:
+        if torch.is_grad_enabled():
+            # training: made afresh each pass, so the K/V weights and the text embedding get their gradient
+            # from every chunk, and a block recomputed for checkpointing does the same work as its forward
+            return attn.context_kv(self.ctx, self.ctx_img)
         if self.store is not None and self.store[i] is not None:
             return self.store[i]
         kv = attn.context_kv(self.ctx, self.ctx_img)
@@ -306,7 +310,7 @@ class WanDiT(nn.Module):
                  store: Optional[list] = None) -> "CrossKV":
         """The cross-attention K/V of a context, each layer's made by its block (kept in `store`, a cache's
         per-layer list, which is only embedded again when a layer's entry is missing)."""
-        if store is not None and all(kv is not None for kv in store):
+        if store is not None and all(kv is not None for kv in store) and not torch.is_grad_enabled():
             return CrossKV(None, None, store)
         return CrossKV(*self.embed_context(context, clip_fea), store)
 

@@ -24,7 +24,7 @@ from causvid_core.memory import GIB, flash_attention
 from causvid_core.model import WanDiT
 
 from .config import TrainConfig
-from .run import SampleDraws
+from .run import SampleDraws, autocast
 from .sharding import compute_dtype, is_sharded, mesh_for, shard
 from .stages.common import dit_config, student_steps
 
@@ -129,11 +129,13 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
                                   data=torch.zeros(micro, *shape, device=dev)) for d in draws]
             inputs = tr.current_bytes(dev) - baseline
             tr.reset_peak(dev)
-            dmd(0, batches[:1])  # step 0 updates the generator and the critic (gen_every divides 0) ...
+            with autocast(sc.autocast, dev):  # as the stage runs it
+                dmd(0, batches[:1])  # step 0 updates the generator and the critic (gen_every divides 0) ...
             after_first = tr.current_bytes(dev)  # ... and makes the optimizers' state
             peak_first = tr.peak_bytes(dev)
             tr.reset_peak(dev)
-            dmd(sc.gen_every, batches)  # a later generator step: the steady state, with the optimizer state
+            with autocast(sc.autocast, dev):
+                dmd(sc.gen_every, batches)  # a later generator step: the steady state, with the optimizer state
             # counted above the baseline, on top of the weights
             peak = weights + max(peak_first, tr.peak_bytes(dev)) - baseline
             after_first = weights + after_first - baseline

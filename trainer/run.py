@@ -90,8 +90,11 @@ class StageRun:
         return parallel.strategy == "fsdp" and self.world > 1
 
     def shard(self, model: torch.nn.Module, parallel) -> torch.nn.Module:
-        """A DiT sharded over the processes under parallel.strategy=fsdp (trainer/sharding.py), else as it is."""
-        if self.sharding(parallel) and self._mesh is None:
+        """A DiT sharded over the processes under parallel.strategy=fsdp (trainer/sharding.py), else moved whole
+        to the device."""
+        if not self.sharding(parallel):
+            return model.to(self.device)  # a whole copy on this process's device (an EMA too)
+        if self._mesh is None:
             self._mesh = sharding.mesh_for(self.world, self.device)
         return sharding.shard(model, parallel, self.world, self.device, self._mesh)
 
@@ -318,8 +321,8 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
         sums: dict[str, float] = {}
         for m, indices in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
-            if sharded:
-                sharding.set_gradient_sync(model, last)
+            # FSDP reduce-scatters every micro-batch's gradients: skipping that would keep whole unsharded
+            # gradients on each GPU between micro-batches (56 GB of float32 for 14B)
             sync = contextlib.nullcontext() if last or sharded else acc.no_sync(model)
             with sync:
                 with autocast(cfg.autocast, acc.device):
@@ -328,17 +331,17 @@ def train_steps(run: StageRun, cfg, model: torch.nn.Module, optimizer: torch.opt
                     (loss / len(micro_batches)).backward()
                 else:
                     acc.backward(loss / len(micro_batches))
-            for k, v in {"loss": loss.item(), **metrics}.items():
+            for k, v in {"loss": loss.detach(), **metrics}.items():  # tensors: read on the host when logged
                 sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
         if cfg.grad_clip:
-            sums["grad_norm"] = (float(sharding.clip_grad_norm(model.parameters(), cfg.grad_clip)) if sharded else
-                                 float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+            sums["grad_norm"] = (sharding.clip_grad_norm(model.parameters(), cfg.grad_clip) if sharded else
+                                 acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step(step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            sums = run.mean(sums)
+            sums = run.mean({k: float(v) for k, v in sums.items()})
             run.log(step, **{k: round(v, 9) for k, v in sums.items()})  # finer than 1e-6 curves
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:

@@ -8,7 +8,7 @@ mean gradient is what every shard steps with, as under DDP. With one process not
 
 state.pt stays one file of whole tensors, whatever the strategy and process count: every process takes
 part in gathering each sharded tensor (one at a time, so only the main process holds the whole state), and
-on resume each process cuts its own shard out of the memory-mapped file. A run checkpointed by 1, 2 or 8
+on resume each process cuts its own shard out of the memory-mapped file (reading only its pages). A run checkpointed by 1, 2 or 8
 processes, sharded or not, resumes under any other.
 """
 from __future__ import annotations
@@ -44,7 +44,10 @@ def shard(model: nn.Module, parallel, world: int, device: torch.device, mesh=Non
 
     mesh = mesh if mesh is not None else mesh_for(world, device)
     # weights are gathered in param_dtype for compute; gradients are reduced and kept in float32
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[parallel.param_dtype], reduce_dtype=torch.float32)
+    # inputs are not cast: the timesteps and the modulation stay float32 (bf16 would round 998 of the 1000
+    # grid timesteps); the model casts its activations to the weights' dtype itself
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[parallel.param_dtype], reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     # no model.to(device) first: fully_shard moves each unit's weights to the mesh's device as it shards them,
     # so a whole model is never on one GPU (a meta-built one is materialised after, with to_empty)
     for block in model.blocks:
@@ -56,8 +59,10 @@ def shard(model: nn.Module, parallel, world: int, device: torch.device, mesh=Non
 def is_sharded(obj: Any) -> bool:
     """A module with sharded (DTensor) parameters, or an optimizer over them."""
     if isinstance(obj, nn.Module):
-        params = list(obj.parameters())
-    elif isinstance(obj, torch.optim.Optimizer):
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(obj, FSDPModule)  # its parameters may be gathered plain tensors between units
+    if isinstance(obj, torch.optim.Optimizer):
         params = [p for g in obj.param_groups for p in g["params"]]
     else:
         return False
@@ -69,11 +74,6 @@ def compute_dtype(model: nn.Module, parallel) -> torch.dtype:
     if is_sharded(model):
         return DTYPES[parallel.param_dtype]
     return next(model.parameters()).dtype
-
-
-def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """FSDP's no_sync: gradients of all but the last micro-batch stay unreduced."""
-    model.set_requires_gradient_sync(sync)
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
@@ -122,12 +122,22 @@ def load_full_state(obj: Any, state: dict) -> None:
 
 
 def _like(full: torch.Tensor, template) -> torch.Tensor:
-    """A whole tensor as `template` holds it: the local shard of a DTensor template, else itself."""
+    """A whole tensor as `template` holds it: the local shard of a DTensor template, else itself. The shard is
+    cut on the host first (torch.chunk, as DTensor's Shard places rows), so only it is read from a memory-
+    mapped file and copied to the device."""
     DTensor = _dtensor()
     if not isinstance(template, DTensor):
         return full
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
+    mesh, placements = template.device_mesh, template.placements
+    if len(placements) == 1 and isinstance(placements[0], Shard):
+        dim = placements[0].dim
+        chunks = torch.chunk(full, mesh.size(), dim=dim)
+        rank = mesh.get_local_rank()
+        local = chunks[rank] if rank < len(chunks) else full.narrow(dim, 0, 0)
+        local = local.to(device=template.device, dtype=template.dtype).contiguous()
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
     # src_data_rank=None: every process cuts its own shard from its own copy, no communication
-    return distribute_tensor(full.to(device=template.device, dtype=template.dtype), template.device_mesh,
-                             template.placements, src_data_rank=None)
+    return distribute_tensor(full.to(device=template.device, dtype=template.dtype), mesh, placements,
+                             src_data_rank=None)

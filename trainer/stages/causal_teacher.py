@@ -11,7 +11,7 @@ from causvid_core.flow import FlowGrid
 from ..config import TrainConfig
 from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
-from .common import encode, grid_index, output, save_stage_dit, stage_dit, teacher_path
+from .common import encode, grid_index, output, save_stage_dit, stage_dits, teacher_path
 from .teacher import latent_batch, training_data
 
 
@@ -28,7 +28,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         return
     sc, chunk = cfg.causal_teacher, cfg.student.chunk_frames
     text, data = training_data(cfg, root, r)
-    model = r.shard(stage_dit(teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing), cfg.parallel)
+    (model,) = stage_dits(r, cfg.parallel, teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(cfg.teacher.shift)
 

@@ -82,7 +82,7 @@ def stage_dits(r, parallel, path: Path, attention: str = "sdpa", frozen: tuple[b
     if not r.sharding(parallel):
         first = stage_dit(path, attention, frozen[0], checkpointing).to(r.device)
         return [first] + [_copy_dit(first, f, checkpointing) for f in frozen[1:]]
-    whole = load_dit(path, attention=attention)  # the host copy, dropped once every shard is cut from it
+    whole = load_dit(path, attention=attention, dtype=torch.float32)  # the host copy, dropped once cut up
     state = whole.state_dict()
     models = []
     for f in frozen:
@@ -112,7 +112,9 @@ def _frozen_or_trained(model: WanDiT, frozen: bool, checkpointing: bool) -> WanD
 def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False, checkpointing: bool = False) -> WanDiT:
     """A DiT of an earlier stage running the given attention kernel (a stage's `attention`): in train mode
     with gradients (and activation checkpointing if asked), or frozen (eval mode, no gradients)."""
-    model = load_dit(path, attention=attention)
+    # float32 whatever the file holds (a bf16 ComfyUI repack, say): AdamW's small steps on bf16 weights round
+    # away, and the sharded path computes in float32 too (parallel.param_dtype decides the compute dtype)
+    model = load_dit(path, attention=attention, dtype=torch.float32)
     if frozen:
         return model.requires_grad_(False).eval()
     model.gradient_checkpointing = checkpointing

@@ -87,6 +87,17 @@ class Draws:
     noise_critic: torch.Tensor
     renoise: dict = field(default_factory=dict)  # rollout: (chunk, step) -> [B, C, f, h, w] (RENOISE + ...)
 
+    def to(self, device) -> "Draws":
+        """On the device, copied once per micro-batch (from pinned memory, without waiting, on a GPU)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if torch.device(device).type == "cuda":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        return Draws(noise=move(self.noise), steps_u=move(self.steps_u), exits=self.exits, t_gen=move(self.t_gen),
+                     noise_gen=move(self.noise_gen), t_critic=move(self.t_critic),
+                     noise_critic=move(self.noise_critic), renoise={k: move(v) for k, v in self.renoise.items()})
+
     @classmethod
     def draw(cls, src, sc: DMDStage, grid: FlowGrid, steps: list[float], chunk: int, step: int, idx: list[int],
              shape: tuple[int, ...]) -> "Draws":
@@ -168,9 +179,7 @@ class DMDStep:
 
     def _update(self, model, opt, loss_fn, micro: list[MicroBatch], metrics: dict, norm_key) -> torch.Tensor:
         total = 0.0
-        for m, mb in enumerate(micro):
-            if is_sharded(model):  # FSDP reduces the gradients once, after the last micro-batch
-                model.set_requires_gradient_sync(m == len(micro) - 1)
+        for mb in micro:  # FSDP reduce-scatters each micro-batch's gradients (see train_steps)
             loss = loss_fn(mb)
             (loss / len(micro)).backward()
             total = total + loss.detach() / len(micro)
@@ -225,7 +234,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     def micro_batch(step: int, idx: list[int]) -> MicroBatch:
         x0_data, prompts = data.batch(idx)
         return MicroBatch(
-            draws=Draws.draw(r, sc, grid, steps, chunk, step, idx, tuple(x0_data.shape[1:])),
+            draws=Draws.draw(r, sc, grid, steps, chunk, step, idx, tuple(x0_data.shape[1:])).to(dev),
             cond=encode(text, prompts).to(dev), uncond=encode(text, [""] * len(idx)).to(dev), data=x0_data.to(dev),
             negatives=[n.to(dev) for n in contrast_negatives(text, prompts, sc.active_contrast, sc.contrast_words)])
 

@@ -14,7 +14,7 @@ from ..config import TrainConfig
 from ..data import load_ode_pairs
 from ..losses import ode_regression_loss
 from ..run import StageRun, train_steps
-from .common import encode, output, save_stage_dit, stage_dit, student_steps, teacher_path, text_source
+from .common import encode, output, save_stage_dit, stage_dits, student_steps, teacher_path, text_source
 from .matching import MatchingGame
 
 
@@ -28,7 +28,7 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     states, prompts, timesteps = load_ode_pairs(root / "ode-pairs")  # [N, K+1, C, F, h, w]
     K = states.shape[1] - 1
     text = text_source(cfg, root)
-    student = r.shard(stage_dit(teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing), cfg.parallel)
+    (student,) = stage_dits(r, cfg.parallel, teacher_path(cfg, root), sc.attention, checkpointing=sc.checkpointing)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
     grid = FlowGrid(shift)
     ts = torch.tensor(timesteps, dtype=torch.float32)

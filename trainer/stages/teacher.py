@@ -21,7 +21,7 @@ from ..losses import flow_matching_loss
 from ..run import StageRun, train_steps
 from ..schedules import lr_at, update_ema
 from .common import (encode, grid_index, load_frozen, new_dit, output, require, require_stage, save_stage_dit,
-                     stage_dit, text_source)
+                     stage_dit, stage_dits, text_source)
 
 REFINE_LATENTS = "latents-refine.safetensors"  # the teacher-refine stage's bigger clip set
 
@@ -88,13 +88,15 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
         return
     sc = cfg.teacher
     loss_fn = flow_matching_batches(cfg, r, *training_data(cfg, root, r))
-    if cfg.inputs.active:  # a user's teacher, fine-tuned on their clips
-        model = stage_dit(Path(cfg.inputs.teacher), sc.attention, checkpointing=sc.checkpointing)
+    if cfg.inputs.active:  # a user's teacher, fine-tuned on their clips (and its EMA, sharded as it loads)
+        model, *emas = stage_dits(r, cfg.parallel, Path(cfg.inputs.teacher), sc.attention,
+                                  (False, True) if sc.ema else (False,), checkpointing=sc.checkpointing)
+        ema = emas[0] if emas else None
     else:
         model = new_dit(cfg, sc.attention)
         model.gradient_checkpointing = sc.checkpointing
-    ema = r.shard(copy.deepcopy(model).eval().requires_grad_(False), cfg.parallel) if sc.ema else None
-    model = r.shard(model, cfg.parallel)
+        ema = r.shard(copy.deepcopy(model).eval().requires_grad_(False), cfg.parallel) if sc.ema else None
+        model = r.shard(model, cfg.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, betas=(0.9, 0.999), weight_decay=sc.weight_decay)
 
     def after_step(step: int, weights=model) -> None:
