@@ -872,16 +872,12 @@ def test_a_lora_of_student_minus_teacher_reconstructs_within_its_printed_error(t
     assert report["rel_error"] < 0.2 and report["left_out"] > 0  # rank 2 catches the rank-2 change; modulations not
 
 
-def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
-    """`causvid-train pipeline --preset wan-tiny --teacher --vae --text-encoder --prompts`: a Wan2.1 folder as the
-    teacher, a Wan VAE .pth, umT5 with its tokenizer and a prompt file with an unreadable row; text embeddings computed once,
-    then ODE pairs, ODE init, DMD (rollout) and export; `causvid generate` makes a video from the student and from
-    the teacher with the student's LoRA."""
-    from causvid_core.cli import main as causvid
+def _wan_layout_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A tiny teacher as a Wan2.1 folder, a Wan VAE .pth and a transformers umT5 folder with its tokenizer (as
+    Wan2.1 repos ship google/umt5-xxl): the files a user of the wan presets holds, in their real layouts."""
     from causvid_core.vae import random_vae
     from conftest import tiny_model
     from safetensors.torch import save_file
-    from trainer.cli import main as causvid_train
 
     from test_umt5 import hf_umt5, train_tokenizer_json
 
@@ -895,16 +891,28 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
         "model_type": "t2v", "dim": c.dim, "ffn_dim": c.ffn_dim, "num_heads": c.num_heads, "num_layers": c.num_layers,
         "text_len": c.text_len, "in_dim": 16, "out_dim": 16, "freq_dim": c.freq_dim, "eps": 1e-6}))
     torch.save(random_vae("wan-tiny", seed=2).state_dict(), tmp_path / "Wan2.1_VAE.pth")
-    umt5 = tmp_path / "umt5"  # a transformers umT5 folder with its tokenizer, as Wan2.1 repos ship google/umt5-xxl
+    umt5 = tmp_path / "umt5"
     hf_umt5(seed=6).save_pretrained(umt5)
     train_tokenizer_json(umt5)
+    return folder, tmp_path / "Wan2.1_VAE.pth", umt5
+
+
+def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
+    """`causvid-train pipeline --preset wan-tiny --teacher --vae --text-encoder --prompts`: a Wan2.1 folder as the
+    teacher, a Wan VAE .pth, umT5 with its tokenizer and a prompt file with an unreadable row; text embeddings computed once,
+    then ODE pairs, ODE init, DMD (rollout) and export; `causvid generate` makes a video from the student and from
+    the teacher with the student's LoRA."""
+    from causvid_core.cli import main as causvid
+    from trainer.cli import main as causvid_train
+
+    folder, vae_pth, umt5 = _wan_layout_inputs(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle moving right on a black background"}\n'
                        '{"prompt": "a blue square moving up on a gray background"}\n'
                        '{"oops": 1}\n'
                        '{"caption": "a green triangle moving left on a navy background"}\n')
     run_dir = tmp_path / "run"
-    args = ["pipeline", "--preset", "wan-tiny", "--teacher", folder, "--vae", tmp_path / "Wan2.1_VAE.pth",
+    args = ["pipeline", "--preset", "wan-tiny", "--teacher", folder, "--vae", vae_pth,
             "--text-encoder", umt5, "--prompts", prompts, "--out", run_dir, "--set", "student.export_dtype=bfloat16"]
     assert causvid_train(list(map(str, args))) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
@@ -918,7 +926,7 @@ def test_distilling_your_own_teacher_from_a_prompt_file(tmp_path, capsys):
     with safe_open(str(run_dir / "student.safetensors"), "pt") as f:  # as ComfyUI's Wan repacks: bf16, Wan keys
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"} and "blocks.0.self_attn.q.weight" in f.keys()
 
-    gen = ["generate", "--vae", tmp_path / "Wan2.1_VAE.pth", "--text-encoder", umt5,
+    gen = ["generate", "--vae", vae_pth, "--text-encoder", umt5,
            "--prompt", "a red circle moving right on a black background", "--width", "32", "--height", "32",
            "--frames", "9", "--quiet"]
     assert causvid(list(map(str, [*gen, "--model", run_dir / "student.safetensors", "--out", tmp_path / "s.mp4"]))) == 0
@@ -935,19 +943,12 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     teacher trained from it (the ablation's real score), and DMD trains on them noised to the student's steps
     (CausVid), all from the fine-tuned teacher."""
     from causvid_core import world
-    from causvid_core.text import WordEncoderConfig, WordTextEncoder, save_text_encoder
-    from causvid_core.vae import random_vae, save_vae
-    from causvid_core.checkpoints import save_dit
+    from causvid_core.cli import main as causvid
     from causvid_core.video_io import write_mp4
-    from conftest import tiny_model
     from trainer.cli import main as causvid_train
 
-    teacher = tiny_model(seed=4)
-    save_dit(teacher, tmp_path / "teacher.safetensors")
-    save_vae(random_vae("wan-tiny", seed=2), tmp_path / "vae.safetensors")
-    c = teacher.config
-    save_text_encoder(WordTextEncoder(WordEncoderConfig(text_dim=c.text_dim, text_len=c.text_len)).eval(),
-                      tmp_path / "text.safetensors")
+    folder, vae_pth, umt5 = _wan_layout_inputs(tmp_path)
+    teacher = load_dit(folder)
     videos = tmp_path / "videos"
     videos.mkdir()
     for i, prompt in enumerate(["a red circle moving right on a black background",
@@ -961,9 +962,8 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     write_mp4(videos / "nocaption.mp4", np.zeros((9, 64, 64, 3), np.uint8))
     (tmp_path / "prompts.txt").write_text("a yellow circle moving down on a black background\n")
     run_dir = tmp_path / "run"
-    args = ["pipeline", "--preset", "wan-tiny", "--teacher", tmp_path / "teacher.safetensors", "--vae",
-            tmp_path / "vae.safetensors", "--text-encoder", tmp_path / "text.safetensors", "--prompts",
-            tmp_path / "prompts.txt", "--videos", videos, "--set", "dmd.generator_input=data", "--out", run_dir,
+    args = ["pipeline", "--preset", "wan-tiny", "--teacher", folder, "--vae", vae_pth, "--text-encoder", umt5,
+            "--prompts", tmp_path / "prompts.txt", "--videos", videos, "--set", "dmd.generator_input=data", "--out", run_dir,
             "--set", "ode_init.checkpointing=true", "--set", "dmd.checkpointing=true",  # activation checkpointing
             "--set", "teacher.steps=3", "--set", "causal_teacher.steps=2", "--set", "dmd.real_score=causal-teacher"]
     without_videos = [a for a in args if a not in ("--videos", videos)]
@@ -981,6 +981,11 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     assert len([json.loads(l) for l in (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()]) >= 2
     assert max((tuned[k] - v).abs().max().item() for k, v in teacher.state_dict().items()) > 0  # it trained
     assert (run_dir / "causal-teacher" / "causal_teacher.safetensors").exists()
+    out = tmp_path / "v.mp4"
+    assert causvid(list(map(str, ["generate", "--model", run_dir / "student.safetensors", "--vae", vae_pth,
+                                  "--text-encoder", umt5, "--prompt", "a red circle moving right on a black background",
+                                  "--width", "32", "--height", "32", "--frames", "9", "--quiet", "--out", out]))) == 0
+    assert out.stat().st_size > 0
 
 
 @pytest.mark.parametrize("strategy,first,then", [("ddp", 1, 2), ("fsdp", 1, 2), ("fsdp", 2, 1)])
