@@ -317,7 +317,8 @@ def wan_1_3b(name: str = "wan-1.3b", dit: str = "wan2.1-t2v-1.3b") -> TrainConfi
     weights in compute, float32 gradients and optimizer state, activation checkpointing. Global batches are
     the papers' (64 GPUs): on N GPUs, --set dmd.grad_accum=64/N (and ode_init.grad_accum=64/N) keeps them.
     teacher / causal_teacher steps > 0 fine-tune the user's teacher on their clips (--videos) first."""
-    tuned = dict(batch=64, lr=2e-6, checkpointing=True, log_every=1, ckpt_every=50)
+    # autocast: bf16 compute also where nothing is sharded (one GPU); FSDP's bf16 weights make it a no-op
+    tuned = dict(batch=64, lr=2e-6, checkpointing=True, autocast=True, log_every=1, ckpt_every=50)
     return TrainConfig(
         name=name,
         parallel=ParallelConfig(strategy="fsdp", param_dtype="bfloat16"),
@@ -325,11 +326,12 @@ def wan_1_3b(name: str = "wan-1.3b", dit: str = "wan2.1-t2v-1.3b") -> TrainConfi
         dit=DiTArch(preset=dit),
         teacher=TeacherStage(steps=0, shift=8.0, **tuned),
         causal_teacher=CausalTeacherStage(steps=0, **tuned),
-        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=6.0, batch=1),
-        ode_init=ODEInitStage(steps=3000, batch=128, lr=2e-6, checkpointing=True, log_every=10, ckpt_every=250),
+        ode_pairs=ODEPairsStage(num_pairs=1536, teacher_steps=48, guidance=6.0, batch=1, autocast=True),
+        ode_init=ODEInitStage(steps=3000, batch=128, lr=2e-6, checkpointing=True, autocast=True, log_every=10,
+                              ckpt_every=250),
         dmd=DMDStage(steps=600, batch=64, lr=2e-6, lr_critic=4e-7, gen_every=5, guidance=3.0, ema=0.99,
-                     ema_start=200, generator_input="rollout", weight_decay=0.01, checkpointing=True, log_every=1,
-                     ckpt_every=50),
+                     ema_start=200, generator_input="rollout", weight_decay=0.01, checkpointing=True, autocast=True,
+                     log_every=1, ckpt_every=50),
         student=StudentConfig(steps_preset="self-forcing-4step", chunk_frames=3, export_dtype="bfloat16"),
     )
 

@@ -112,9 +112,9 @@ def _frozen_or_trained(model: WanDiT, frozen: bool, checkpointing: bool) -> WanD
 def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False, checkpointing: bool = False) -> WanDiT:
     """A DiT of an earlier stage running the given attention kernel (a stage's `attention`): in train mode
     with gradients (and activation checkpointing if asked), or frozen (eval mode, no gradients)."""
-    # float32 whatever the file holds (a bf16 ComfyUI repack, say): AdamW's small steps on bf16 weights round
-    # away, and the sharded path computes in float32 too (parallel.param_dtype decides the compute dtype)
-    model = load_dit(path, attention=attention, dtype=torch.float32)
+    # trained: float32 whatever the file holds (a bf16 ComfyUI repack, say), as AdamW's small steps on bf16
+    # weights round away; frozen: the file's dtype
+    model = load_dit(path, attention=attention, dtype=None if frozen else torch.float32)
     if frozen:
         return model.requires_grad_(False).eval()
     model.gradient_checkpointing = checkpointing

@@ -42,7 +42,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     shift, steps = student_steps(cfg)
     keep = keep_indices(sc.teacher_steps, shift, steps)
     dev = r.device
-    teacher = load_frozen(teacher_path(cfg, root), load_dit).to(dev)
+    # under autocast the teacher computes in bf16 anyway: its weights are kept in bf16 too (14B: 29 GB, not 57)
+    dtype = torch.bfloat16 if sc.autocast else None
+    teacher = load_frozen(teacher_path(cfg, root), lambda p: load_dit(p, dtype=dtype)).to(dev)
     if sc.compile:
         teacher.compile()
     text = text_source(cfg, root)
