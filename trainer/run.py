@@ -27,11 +27,20 @@ from . import sharding
 from .schedules import set_lr
 
 
+# how long a collective may wait: the main process gathering and writing a checkpoint of a large run (1.3B DMD:
+# ~40 GB) keeps the others at a barrier longer than torch's default 10 minutes
+COLLECTIVE_TIMEOUT_MIN = 60
+
+
 def make_accelerator():
     """accelerate's Accelerator (CPU unless CUDA is there); DDP under `accelerate launch` / torchrun."""
-    from accelerate import Accelerator
+    from datetime import timedelta
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))])
 
 
 class SampleDraws:
