@@ -66,3 +66,39 @@ def test_a_real_cuda_dmd_step_allocates_what_the_tracker_counts():
     real = bench_dmd_memory(tiny("parallel.param_dtype=float32"), gpus=1, real_device="cuda", **SMALL)
     allocated = torch.cuda.max_memory_allocated() - base
     assert abs(real["peak_bytes"] - allocated) <= 0.1 * allocated, (real["peak_bytes"], allocated)
+
+
+REAL_FSDP = """
+import json, sys, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+dist.init_process_group("gloo")
+from test_train_memory import tiny, cpu_flash
+from trainer.memory import bench_dmd_memory
+r = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, real_device="cpu", **{small!r})
+if dist.get_rank() == 0:
+    print(json.dumps(r))
+dist.destroy_process_group()
+"""
+
+
+def test_fake_fsdp_accounting_equals_two_real_gloo_processes(tmp_path):
+    """The fake process group's FSDP step is what two real processes (gloo, real tensors) allocate on rank 0: the
+    same shards, optimizer state, what FSDP keeps between steps, and the step's peak."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "real_fsdp.py"
+    script.write_text(REAL_FSDP.format(tests=str(Path(__file__).parent), small=SMALL))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29613", str(script)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    real = json.loads(r.stdout.strip().splitlines()[-1])
+    fake = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, **SMALL)
+    for key in ("model_states_before_step", "optimizer_states"):
+        assert fake["parts"][key] == real["parts"][key], key
+    for key in ("kept_between_steps", "step_peak_over_resident"):
+        assert abs(fake["parts"][key] - real["parts"][key]) <= 0.02 * real["parts"][key], (key, fake, real)
+    assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.02 * real["peak_bytes"]

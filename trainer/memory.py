@@ -78,9 +78,10 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
     if micro < 1 or sc.batch % (gpus * sc.grad_accum):
         raise ValueError(f"dmd.batch {sc.batch} must be a multiple of gpus x dmd.grad_accum = {gpus} x {sc.grad_accum}:"
                          f" set dmd.grad_accum (or dmd.batch)")
-    if real_device is not None and gpus != 1:
-        raise ValueError("a real run is one process: gpus=1")
-    if dist.is_initialized():
+    launched = dist.is_initialized()  # a real run of several processes (torchrun): FSDP over them, for real
+    if real_device is not None and gpus != (dist.get_world_size() if launched else 1):
+        raise ValueError(f"a real run of {gpus} processes needs a launcher of {gpus} (torchrun)")
+    if real_device is None and launched:
         raise RuntimeError("bench-memory runs its own fake process group: run it outside a launcher")
     shape = (dcfg.out_dim, (frames - 1) // 4 + 1, height // 8, width // 8)  # one sample's latent [C, F, h, w]
     shift, steps = student_steps(cfg)
@@ -106,7 +107,7 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
 
         dev = real_device or "cpu"  # fake: the GPU of rank 0, every tensor of the step lives here
         models = dit(True), dit(True), dit(False), dit(False)  # generator, critic, real score, the generator's EMA
-        rank = _Rank(gpus) if fake else None
+        rank = _Rank(gpus, dev) if fake or launched else None
         mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         with mode, MemoryTracker() as tr:
             gen, critic, real, ema = models
@@ -117,6 +118,8 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
             else:
                 for m in models:
                     m.to(dev)
+                    if launched:
+                        rank.shard(m, cfg.parallel)
                 tr.track(*models)
             opt_g, opt_c = optimizers(sc, gen, critic)
             # the shards' own bytes: materialising sharded meta weights leaves storages the tracker keeps seeing
