@@ -161,7 +161,7 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
         "parts": {
             "model_states_before_step": weights,  # 4 sharded DiTs (generator, EMA, critic, real score)
             "optimizer_states": optimizer,  # AdamW's two moments, sharded like the weights
-            # what else stays between steps: the root unit's gathered weights, shards FSDP re-pads at its first forward
+            # what else stays between steps (FSDP's own buffers: two real gloo processes keep the same, tested)
             "kept_between_steps": after_first - weights - inputs - optimizer,
             "step_peak_over_resident": peak - after_first,
         },
