@@ -121,6 +121,22 @@ def load_full_state(obj: Any, state: dict) -> None:
     obj.load_state_dict({**state, "state": loaded})
 
 
+def scatter_full_state(module: nn.Module, state: Optional[dict]) -> None:
+    """Fill a sharded module from whole tensors that only the mesh's first process holds (`state`; None on
+    the others): tensor by tensor, that process sends each the rows of its shard. Collective."""
+    from torch.distributed.tensor import distribute_tensor
+
+    loaded = {}
+    for key, template in module.state_dict().items():
+        mesh = template.device_mesh
+        if state is not None:
+            full = state[key].to(device=template.device, dtype=template.dtype)
+        else:  # a receive buffer of the whole shape: one tensor at a time
+            full = torch.empty(template.shape, dtype=template.dtype, device=template.device)
+        loaded[key] = distribute_tensor(full, mesh, template.placements, src_data_rank=0)
+    module.load_state_dict(loaded)
+
+
 def _like(full: torch.Tensor, template) -> torch.Tensor:
     """A whole tensor as `template` holds it: the local shard of a DTensor template, else itself. The shard is
     cut on the host first (torch.chunk, as DTensor's Shard places rows), so only it is read from a memory-

@@ -75,23 +75,29 @@ def stage_dits(r, parallel, path: Path, attention: str = "sdpa", frozen: tuple[b
                checkpointing: bool = False) -> list[WanDiT]:
     """DiTs of the file in `path` on the stage's device, one per entry of `frozen` (a trained one and its EMA,
     say), sharded under parallel.strategy=fsdp: then each is built on the meta device and sharded first, and
-    all are filled from one load of the file on the host, tensor by tensor. A process never holds more than
-    one whole copy, on the host, and none on the GPU (for 14B: 57 GB once, not once per copy and per GPU)."""
-    from ..sharding import load_full_state
+    all are filled from the main process's one load of the file, tensor by tensor, each process receiving
+    its shards. No other process reads the file, and none holds a whole copy on its GPU (for 14B: 57 GB on one
+    host, not on every process's and once per copy)."""
+    import torch.distributed as dist
+
+    from ..sharding import scatter_full_state
 
     if not r.sharding(parallel):
         first = stage_dit(path, attention, frozen[0], checkpointing).to(r.device)
         return [first] + [_copy_dit(first, f, checkpointing) for f in frozen[1:]]
-    whole = load_dit(path, attention=attention, dtype=torch.float32)  # the host copy, dropped once cut up
-    state = whole.state_dict()
+    # the main process's host copy, dropped once every shard is sent
+    whole = load_dit(path, attention=attention, dtype=torch.float32) if r.is_main else None
+    config = [whole.config if whole is not None else None]
+    dist.broadcast_object_list(config, src=0)
+    state = whole.state_dict() if whole is not None else None
     models = []
     for f in frozen:
         with torch.device("meta"):
-            m = WanDiT(whole.config, attention=attention)
+            m = WanDiT(config[0], attention=attention)
         m = _frozen_or_trained(m, f, checkpointing)
         r.shard(m, parallel)
         m.to_empty(device=r.device)
-        load_full_state(m, state)
+        scatter_full_state(m, state)
         models.append(m)
     return models
 
