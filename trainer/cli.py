@@ -83,7 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"causvid-train: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run(args, cfg)
+        rc = _run(args, cfg)
+        if _end_processes(together=True):
+            _exit_launched(rc)
+        return rc
     except KeyboardInterrupt:
         print("causvid-train: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
@@ -99,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"causvid-train: {detail}", file=sys.stderr)
         return 2 if isinstance(exc, (FileNotFoundError, ValueError)) else 1
     finally:
-        _end_processes()
+        _end_processes(together=False)
 
 
 def _bench_memory(args) -> int:
@@ -127,13 +130,30 @@ def _bench_memory(args) -> int:
     return 0
 
 
-def _end_processes() -> None:
-    """Take down the process group a launcher set up: a worker exiting with it still live can abort in its
-    communication threads (`terminate called without an active exception`)."""
+def _end_processes(together: bool) -> bool:
+    """Take down the process group a launcher set up; whether there was one. together: after a success, first
+    wait for every process (never after a failure: the others may be waiting elsewhere)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    try:
+        if together:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
+    return True
+
+
+def _exit_launched(rc: int) -> None:
+    """A launched worker's exit once its work is written and every process is done: straight out, without the
+    interpreter's teardown, in which gloo's communication threads can abort the process now and then
+    (`terminate called without an active exception`, exit -6) after a run that succeeded."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _run(args, cfg) -> int:
