@@ -245,8 +245,9 @@ class KVCache:
             past = s.local_start * T
             kw = torch.cat([K[:, :, :past], k.to(K.dtype)], dim=2)
             vw = torch.cat([V[:, :, :past], v.to(V.dtype)], dim=2)
-            K[:, :, s.local_start * T: s.local_end * T] = k.detach()
-            V[:, :, s.local_start * T: s.local_end * T] = v.detach()
+            if s is self._slots:  # not a block recomputed later for checkpointing: its chunk was written then
+                K[:, :, s.local_start * T: s.local_end * T] = k.detach()
+                V[:, :, s.local_start * T: s.local_end * T] = v.detach()
             return kw, vw
         K[:, :, s.local_start * T: s.local_end * T] = k
         V[:, :, s.local_start * T: s.local_end * T] = v

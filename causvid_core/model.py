@@ -149,11 +149,13 @@ class CrossKV:
     its weights are (a block sharded by FSDP has them gathered only there), and without gradients keeps it
     in `store` (a KV cache's per-layer list: made once per prompt) when there is one."""
 
-    def __init__(self, ctx: Optional[Tensor], ctx_img: Optional[Tensor], store: Optional[list] = None):
+    def __init__(self, ctx: Optional[Tensor], ctx_img: Optional[Tensor], store: Optional[list] = None,
+                 fresh: bool = False):
         self.ctx, self.ctx_img, self.store = ctx, ctx_img, store  # ctx [B, Lc, D] (None: every layer stored)
+        self.fresh = fresh  # a pass that trains the model: never stored nor read from the store
 
     def layer(self, i: int, attn: "CrossAttention") -> tuple[Tensor, ...]:
-        if torch.is_grad_enabled():
+        if self.fresh:
             # training: made afresh each pass, so the K/V weights and the text embedding get their gradient
             # from every chunk, and a block recomputed for checkpointing does the same work as its forward
             return attn.context_kv(self.ctx, self.ctx_img)
@@ -249,8 +251,7 @@ class WanDiT(nn.Module):
         # layer: comfy_model.py); None: the weights' dtype
         self.compute_dtype_override: Optional[torch.dtype] = None
         # training: keep only each block's input and recompute the block in the backward pass (activation
-        # checkpointing: far less memory for a little more compute); never for a KV-cached forward, whose
-        # cache writes must happen once
+        # checkpointing: far less memory for a little more compute); not through a rolling KV cache
         self.gradient_checkpointing = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -309,10 +310,12 @@ class WanDiT(nn.Module):
     def cross_kv(self, context: Tensor, clip_fea: Optional[Tensor] = None,
                  store: Optional[list] = None) -> "CrossKV":
         """The cross-attention K/V of a context, each layer's made by its block (kept in `store`, a cache's
-        per-layer list, which is only embedded again when a layer's entry is missing)."""
-        if store is not None and all(kv is not None for kv in store) and not torch.is_grad_enabled():
+        per-layer list, which is only embedded again when a layer's entry is missing). In a pass that trains
+        the model (gradients on, trainable weights) they are made afresh every time."""
+        fresh = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if store is not None and all(kv is not None for kv in store) and not fresh:
             return CrossKV(None, None, store)
-        return CrossKV(*self.embed_context(context, clip_fea), store)
+        return CrossKV(*self.embed_context(context, clip_fea), store, fresh=fresh)
 
     def time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """t [B] or [B, F] -> e [B, F|1, D] and e0 [B, F|1, 6, D], float32."""

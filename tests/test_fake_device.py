@@ -326,12 +326,13 @@ def test_a_live_session(kind, source):
 @pytest.mark.parametrize("kind", DEVICES)
 @pytest.mark.parametrize("generator_input", ["rollout", "data"])
 def test_a_dmd_step_on_the_device(kind, generator_input):
-    """The distillation step as trainer/stages/dmd.py runs it, with its inputs on the device (as the stage now
-    moves them): the student's rollout or data-noised pass, the guided real score, the critic and both losses:
-    nothing on the host is mixed in."""
+    """The stage's own DMD step (DMDStep) on the device: its host-drawn Draws moved once per micro-batch as the
+    stage moves them, the student's rollout or data-noised pass, the guided real score, the critic and both
+    losses: nothing on the host is mixed in."""
     from causvid_core.flow import FlowGrid, step_preset
-    from trainer.losses import critic_loss, dmd_generator_loss, guided_x0
-    from trainer.stages.dmd import generate_from_data, self_rollout
+    from trainer.config import DMDStage
+    from trainer.run import SampleDraws
+    from trainer.stages.dmd import DMDStep, Draws, MicroBatch
 
     env = Env(kind)
     gen, critic, real = (env.module(tiny_model(seed=s), torch.float32).train() for s in (1, 2, 3))
@@ -340,23 +341,14 @@ def test_a_dmd_step_on_the_device(kind, generator_input):
     real.requires_grad_(False)
     shift, steps = step_preset("self-forcing-4step")
     grid = FlowGrid(shift)
+    sc = DMDStage(generator_input=generator_input)
+    draws = Draws.draw(SampleDraws(0), sc, grid, steps, 3, 0, [0, 1], (16, 6, 4, 4))  # on the host
+    step = DMDStep(sc, 3, steps, grid, gen, critic, real, None, None, None, torch.float32, False)
     with env.context():
         dev = env.device
-        x0_data = torch.randn(2, 16, 6, 4, 4, device=dev)
-        noise = torch.randn(2, 16, 6, 4, 4, device=dev)
-        cond, uncond = torch.randn(2, 5, 24, device=dev), torch.zeros(2, 5, 24, device=dev)
-        if generator_input == "rollout":
-            x_gen = self_rollout(gen, noise, cond, steps, grid, 3, [1, 3], lambda c, i, shape: torch.randn(shape).to(dev),
-                                 next(gen.parameters()).dtype)
-        else:
-            x_gen = generate_from_data(gen, x0_data, noise, cond, steps, grid, 3, torch.rand(2, 2).to(dev))
-        t = torch.tensor([400.0, 700.0]).to(dev)
-        x_t = grid.add_noise(x_gen.detach(), torch.randn(2, 16, 6, 4, 4).to(dev), t)
-        with torch.no_grad():
-            x0_real = guided_x0(real, x_t, t, cond, uncond, 3.0, grid)
-            x0_fake = grid.flow_to_x0(critic(x_t, t, cond), x_t, t)
-        loss_g = dmd_generator_loss(x_gen, x0_real, x0_fake)
-        loss_c = critic_loss(critic, x_gen, torch.randn(2, 16, 6, 4, 4).to(dev), t, cond, grid)
+        mb = MicroBatch(draws=draws.to(dev), cond=torch.randn(2, 5, 24, device=dev),
+                        uncond=torch.zeros(2, 5, 24, device=dev), data=torch.randn(2, 16, 6, 4, 4, device=dev))
+        loss_g, loss_c = step.generator_loss(mb), step.critic_loss(mb)
     # the backward passes are autograd's over these graphs (the fake device has no CUDA context to run them)
     assert loss_g.device == dev and loss_c.device == dev and loss_g.requires_grad and loss_c.requires_grad
 

@@ -48,12 +48,14 @@ def test_fsdp_over_a_fake_process_group_shards_the_model_states():
 def test_bench_memory_cli_prints_json_and_refuses_bad_input(capsys):
     from trainer.cli import main as causvid_train
 
-    base = ["bench-memory", "--preset", "wan-tiny", "--size", "32x32", "--frames", "9", "--gpus", "1"]
+    base = ["bench-memory", "--preset", "wan-tiny", "--gpus", "1"]  # the preset's clips: 32x32, 9 frames
     assert causvid_train(base) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["bench"] == "train-memory" and row["peak_bytes"] > row["parts"]["model_states_before_step"] > 0
+    assert row["size"] == "32x32" and row["frames"] == 9
     for bad, says in ((["--size", "32"], "WIDTHxHEIGHT"), (["--gpus", "3"], "multiple of gpus"),
-                      (["--frames", "8"], "4k+1"), (["--set", "parallel.strategy=zero"], "ddp or fsdp")):
+                      (["--frames", "8"], "4k+1"), (["--set", "parallel.strategy=zero"], "ddp or fsdp"),
+                      (["--set", "dmd.grad_accum=0"], "dmd.grad_accum"), (["--set", "dmd.gen_every=0"], "gen_every")):
         assert causvid_train(base + bad) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
@@ -63,7 +65,7 @@ def test_bench_memory_cli_prints_json_and_refuses_bad_input(capsys):
 def test_a_real_cuda_dmd_step_allocates_what_the_tracker_counts():
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    real = bench_dmd_memory(tiny("parallel.param_dtype=float32"), gpus=1, real_device="cuda", **SMALL)
+    real = bench_dmd_memory(tiny(), gpus=1, real_device="cuda", **SMALL)
     allocated = torch.cuda.max_memory_allocated() - base
     assert abs(real["peak_bytes"] - allocated) <= 0.1 * allocated, (real["peak_bytes"], allocated)
 
@@ -74,7 +76,7 @@ sys.path.insert(0, {tests!r})
 dist.init_process_group("gloo")
 from test_train_memory import tiny, cpu_flash
 from trainer.memory import bench_dmd_memory
-r = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, real_device="cpu", **{small!r})
+r = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, real_device="cpu", **{size!r})
 if dist.get_rank() == 0:
     print(json.dumps(r))
 dist.destroy_process_group()
@@ -90,13 +92,14 @@ def test_fake_fsdp_accounting_equals_two_real_gloo_processes(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "real_fsdp.py"
-    script.write_text(REAL_FSDP.format(tests=str(Path(__file__).parent), small=SMALL))
+    size = dict(size=(64, 64), frames=33)  # large enough that FSDP's small fixed buffers do not dominate
+    script.write_text(REAL_FSDP.format(tests=str(Path(__file__).parent), size=size))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         "29613", str(script)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     real = json.loads(r.stdout.strip().splitlines()[-1])
-    fake = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, **SMALL)
+    fake = bench_dmd_memory(tiny("parallel.strategy=fsdp"), gpus=2, attention=cpu_flash, **size)
     for key in ("model_states_before_step", "optimizer_states"):
         assert fake["parts"][key] == real["parts"][key], key
     for key in ("kept_between_steps", "step_peak_over_resident"):

@@ -507,6 +507,8 @@ def test_fsdp_two_processes_end_with_the_weights_of_one(micro_run, tmp_path, cas
     r = _two_processes(two, (*sets, *two_only, "parallel.strategy=fsdp"), port=29560 + sorted(FSDP_STAGES).index(case),
                        stage=stage)
     assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads((two / stage / "DONE.json").read_text())
+    assert done["processes"] == 2 and done["sharded"], done  # it did run sharded
     a, b = load_dit(one / out).state_dict(), load_dit(two / out).state_dict()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, f"{case}: max weight difference {worst}"
@@ -981,6 +983,10 @@ def test_a_video_set_feeds_dmd_and_unreadable_clips_are_counted(tmp_path, capsys
     assert len([json.loads(l) for l in (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()]) >= 2
     assert max((tuned[k] - v).abs().max().item() for k, v in teacher.state_dict().items()) > 0  # it trained
     assert (run_dir / "causal-teacher" / "causal_teacher.safetensors").exists()
+    from trainer.stages.common import teacher_path
+    run_cfg = apply_overrides(preset("wan-tiny"), ["teacher.steps=3"])
+    run_cfg.inputs.teacher = str(folder)
+    assert teacher_path(run_cfg, run_dir) == run_dir / "teacher" / "teacher.safetensors"  # what later stages load
     out = tmp_path / "v.mp4"
     assert causvid(list(map(str, ["generate", "--model", run_dir / "student.safetensors", "--vae", vae_pth,
                                   "--text-encoder", umt5, "--prompt", "a red circle moving right on a black background",

@@ -58,8 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     "encoded once; lets DMD use them (--set dmd.generator_input=data)")
     p.add_argument("--student", help="lora: the fine-tuned model (default: the run's exported student)")
     p.add_argument("--gpus", type=int, default=8, help="bench-memory: the GPUs the DMD step is sharded over")
-    p.add_argument("--size", default="832x480", help="bench-memory: WIDTHxHEIGHT of the clips in pixels")
-    p.add_argument("--frames", type=int, default=81, help="bench-memory: pixel frames of a clip (4k+1)")
+    p.add_argument("--size", help="bench-memory: WIDTHxHEIGHT of the clips in pixels (default: the preset's)")
+    p.add_argument("--frames", type=int, help="bench-memory: pixel frames of a clip, 4k+1 (default: the preset's)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     if args.stage == "bench-memory":
@@ -107,21 +107,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _bench_memory(args) -> int:
     """The per-GPU memory of one DMD step of the preset at real size, as JSON (trainer/memory.py)."""
-    from .config import parallel_problems
+    from .config import loop_problems, parallel_problems
     from .memory import bench_dmd_memory
 
     try:
         cfg = apply_overrides(preset(args.preset), args.set)
-        problems = parallel_problems(cfg)
+        problems = parallel_problems(cfg) + loop_problems("dmd", cfg.dmd)
+        if not isinstance(cfg.student.chunk_frames, int) or cfg.student.chunk_frames < 1:
+            problems.append(f"student.chunk_frames must be a whole number >= 1, got {cfg.student.chunk_frames!r}")
         if problems:
             raise ValueError("; ".join(problems))
-        width, sep, height = args.size.lower().partition("x")
+        size = args.size or f"{cfg.data.width}x{cfg.data.height}"
+        width, sep, height = size.lower().partition("x")
         if not (sep and width.isdigit() and height.isdigit()):
-            raise ValueError(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 832x480")
+            raise ValueError(f"--size {size!r}: give WIDTHxHEIGHT, e.g. 832x480")
         if args.gpus < 1:
             raise ValueError(f"--gpus {args.gpus}: at least 1")
-        result = bench_dmd_memory(cfg, gpus=args.gpus, size=(int(width), int(height)), frames=args.frames)
-    except ValueError as exc:
+        result = bench_dmd_memory(cfg, gpus=args.gpus, size=(int(width), int(height)),
+                                  frames=args.frames or cfg.data.clip_frames)
+    except (ValueError, RuntimeError) as exc:
         if args.debug:
             raise
         print(f"causvid-train bench-memory: {exc}", file=sys.stderr)

@@ -314,8 +314,9 @@ def shapes() -> TrainConfig:
 
 def wan_1_3b(name: str = "wan-1.3b", dit: str = "wan2.1-t2v-1.3b") -> TrainConfig:
     """The papers' recipe at full size (reference/causal-wan.md section 7) for GPU clusters: FSDP with bf16
-    weights in compute, float32 gradients and optimizer state, activation checkpointing. Global batches are
-    the papers' (64 GPUs): on N GPUs, --set dmd.grad_accum=64/N (and ode_init.grad_accum=64/N) keeps them.
+    weights in compute, float32 gradients and optimizer state, activation checkpointing. `batch` is the papers'
+    global batch (64 GPUs); on N GPUs, --set dmd.grad_accum=64/N (and ode_init.grad_accum=64/N) keeps their
+    per-GPU micro-batch (1 for DMD, 2 for ODE init), which is what fits in memory.
     teacher / causal_teacher steps > 0 fine-tune the user's teacher on their clips (--videos) first."""
     # autocast: bf16 compute also where nothing is sharded (one GPU); FSDP's bf16 weights make it a no-op
     tuned = dict(batch=64, lr=2e-6, checkpointing=True, autocast=True, log_every=1, ckpt_every=50)
@@ -374,8 +375,6 @@ REQUIRED_LOOPS = ("vae", "text", "teacher", "ode_init", "dmd")
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Refuse settings that would train nothing or diverge silently, before any run folder is made."""
-    import math
-
     problems = []
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
@@ -383,17 +382,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             continue
         name = section.name
         required = name in REQUIRED_LOOPS and not (cfg.inputs.active and name in ("vae", "text", "teacher"))
-        if not isinstance(sub.steps, int) or sub.steps < (1 if required else 0):
-            low = 1 if required else 0
-            problems.append(f"{name}.steps must be a whole number >= {low}, got {sub.steps!r}")
-        for field_name in ("batch", "grad_accum", "log_every", "ckpt_every"):
-            v = getattr(sub, field_name)
-            if not isinstance(v, int) or v < 1:
-                problems.append(f"{name}.{field_name} must be a whole number >= 1, got {v!r}")
-        for field_name in ("lr", "grad_clip"):
-            v = getattr(sub, field_name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                problems.append(f"{name}.{field_name} must be a finite number > 0, got {v!r}")
+        problems += loop_problems(name, sub, required)
     op = cfg.ode_pairs
     if not isinstance(op.num_pairs, int) or op.num_pairs < 1:
         problems.append(f"ode_pairs.num_pairs must be a whole number >= 1, got {op.num_pairs!r}")
@@ -430,7 +419,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def loop_problems(name: str, sub: LoopConfig, required: bool = False) -> list[str]:
+    """What is wrong with one stage's loop settings (steps at least 1 when the stage is required)."""
+    import math
+
+    problems = []
+    low = 1 if required else 0
+    if not isinstance(sub.steps, int) or sub.steps < low:
+        problems.append(f"{name}.steps must be a whole number >= {low}, got {sub.steps!r}")
+    for field_name in ("batch", "grad_accum", "log_every", "ckpt_every"):
+        v = getattr(sub, field_name)
+        if not isinstance(v, int) or v < 1:
+            problems.append(f"{name}.{field_name} must be a whole number >= 1, got {v!r}")
+    for field_name in ("lr", "grad_clip"):
+        v = getattr(sub, field_name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            problems.append(f"{name}.{field_name} must be a finite number > 0, got {v!r}")
+    if isinstance(sub, DMDStage) and (not isinstance(sub.gen_every, int) or sub.gen_every < 1):
+        problems.append(f"{name}.gen_every must be a whole number >= 1, got {sub.gen_every!r}")
+    return problems
+
+
 def parallel_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with cfg.parallel (the strategy and the dtype names trainer/sharding.py knows)."""
     problems = []
     if cfg.parallel.strategy not in ("ddp", "fsdp"):
         problems.append(f"parallel.strategy must be ddp or fsdp, got {cfg.parallel.strategy!r}")

@@ -30,7 +30,7 @@ from .stages.common import dit_config, student_steps
 
 
 class _Rank:
-    """Rank 0 of `world` fake processes, with what build_models needs of a StageRun."""
+    """Rank 0 of `world` fake processes, with what optimizers needs of a StageRun."""
 
     def __init__(self, world: int, device: str = "cpu"):
         self.world, self.device = world, torch.device(device)
@@ -153,7 +153,8 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
         "bench": "train-memory", "stage": "dmd", "preset": cfg.name, "dit": cfg.dit.preset, "gpus": gpus,
         "strategy": cfg.parallel.strategy, "param_dtype": cfg.parallel.param_dtype,
         "checkpointing": sc.checkpointing, "generator_input": sc.generator_input, "real_score": sc.real_score,
-        "size": f"{width}x{height}", "frames": frames, "latent_frames": shape[1], "chunk_frames": cfg.student.chunk_frames,
+        "size": f"{width}x{height}", "frames": frames, "latent_frames": shape[1],
+        "chunk_frames": cfg.student.chunk_frames,
         "global_batch": sc.batch, "grad_accum": sc.grad_accum, "micro_batch_per_gpu": micro, "micro_batches_run": runs,
         "measured_on": (f"a real run on {real_device}" if real_device else
                         "fake tensors and a fake process group (rank 0), DiT attention as the flash kernel"),

@@ -38,7 +38,8 @@ def active_stages(cfg: TrainConfig) -> list[str]:
     """The stages this config runs, in order (the optional ones with steps 0 are left out)."""
     if cfg.inputs.active:  # a user's teacher, VAE and text encoder: distillation from their prompts (and clips)
         videos = ["video-latents"] if cfg.inputs.videos is not None else []
-        tuned = [name for name, sc in (("teacher", cfg.teacher), ("causal-teacher", cfg.causal_teacher)) if sc.steps > 0]
+        tuned = [name for name, sc in (("teacher", cfg.teacher), ("causal-teacher", cfg.causal_teacher))
+                 if sc.steps > 0]
         return ["text-embeds", *videos, *tuned, "ode-pairs", "ode-init", "dmd", "export"]
     off = {"vae-decoder": cfg.vae_decoder.steps <= 0, "causal-teacher": cfg.causal_teacher.steps <= 0,
            "teacher-refine": cfg.teacher_refine.steps <= 0, "text-embeds": True, "video-latents": True}

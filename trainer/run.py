@@ -71,6 +71,7 @@ class StageRun:
         self.name, self.seed = name, seed
         self.draws = SampleDraws(seed)
         self._mesh = None  # FSDP's device mesh, made at the first shard()
+        self.sharded = False  # whether shard() sharded a model (DONE.json says so)
         self.acc = accelerator if accelerator is not None else make_accelerator()
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.missing: set[str] = set()  # optional state keys the resumed state.pt did not have
@@ -94,17 +95,18 @@ class StageRun:
     def is_main(self) -> bool:
         return self.acc.is_main_process
 
-    def sharding(self, parallel) -> bool:
+    def shards(self, parallel) -> bool:
         """Whether shard() shards: FSDP asked for, and more than one process."""
         return parallel.strategy == "fsdp" and self.world > 1
 
     def shard(self, model: torch.nn.Module, parallel) -> torch.nn.Module:
         """A DiT sharded over the processes under parallel.strategy=fsdp (trainer/sharding.py), else moved whole
         to the device."""
-        if not self.sharding(parallel):
+        if not self.shards(parallel):
             return model.to(self.device)  # a whole copy on this process's device (an EMA too)
         if self._mesh is None:
             self._mesh = sharding.mesh_for(self.world, self.device)
+        self.sharded = True
         return sharding.shard(model, parallel, self.world, self.device, self._mesh)
 
     def mean(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -221,7 +223,8 @@ class StageRun:
             skip = {self.done_path.name, self.seconds_path.name, self.metrics_path.name, self.state_path.name}
             files = {p.name: file_record(p) for p in sorted(self.dir.iterdir())
                      if p.is_file() and p.name not in skip and not p.name.endswith(".part")}
-            done = {"stage": self.name, **outputs, "seconds": round(self.seconds, 1), "files": files}
+            done = {"stage": self.name, **outputs, "seconds": round(self.seconds, 1), "processes": self.world,
+                    "sharded": self.sharded, "files": files}
             atomic_write_text(self.done_path, json.dumps(done, indent=2))
         self.acc.wait_for_everyone()
 

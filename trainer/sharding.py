@@ -1,15 +1,15 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for the stages that train a DiT, and the checkpoint format
 that lets a sharded run resume with any number of processes.
 
-`parallel.strategy=fsdp` shards every DiT a stage holds (the trained one, its EMA, DMD's critic and real
-score) block by block over all processes: each keeps 1/N of the weights, gradients and optimizer state and
+`parallel.strategy=fsdp` shards every DiT a training stage holds (the trained one, its EMA, DMD's critic and
+real score; ODE pairs, which trains nothing, runs a whole teacher in each process) block by block over all processes: each keeps 1/N of the weights, gradients and optimizer state and
 gathers one block's weights at a time. Gradients are reduce-scattered as averages, so the global batch's
 mean gradient is what every shard steps with, as under DDP. With one process nothing is sharded.
 
 state.pt stays one file of whole tensors, whatever the strategy and process count: every process takes
 part in gathering each sharded tensor (one at a time, so only the main process holds the whole state), and
-on resume each process cuts its own shard out of the memory-mapped file (reading only its pages). A run checkpointed by 1, 2 or 8
-processes, sharded or not, resumes under any other.
+on resume each process cuts its own shard out of the memory-mapped file (reading only its pages). A run
+checkpointed by 1, 2 or 8 processes, sharded or not, resumes under any other.
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def stage_dits(r, parallel, path: Path, attention: str = "sdpa", frozen: tuple[b
 
     from ..sharding import scatter_full_state
 
-    if not r.sharding(parallel):
+    if not r.shards(parallel):
         first = stage_dit(path, attention, frozen[0], checkpointing).to(r.device)
         return [first] + [_copy_dit(first, f, checkpointing) for f in frozen[1:]]
     # the main process's host copy, dropped once every shard is sent
@@ -120,11 +120,8 @@ def stage_dit(path: Path, attention: str = "sdpa", frozen: bool = False, checkpo
     with gradients (and activation checkpointing if asked), or frozen (eval mode, no gradients)."""
     # trained: float32 whatever the file holds (a bf16 ComfyUI repack, say), as AdamW's small steps on bf16
     # weights round away; frozen: the file's dtype
-    model = load_dit(path, attention=attention, dtype=None if frozen else torch.float32)
-    if frozen:
-        return model.requires_grad_(False).eval()
-    model.gradient_checkpointing = checkpointing
-    return model.train().requires_grad_(True)
+    return _frozen_or_trained(load_dit(path, attention=attention, dtype=None if frozen else torch.float32), frozen,
+                              checkpointing)
 
 
 def save_stage_dit(run, model: torch.nn.Module, path: Path) -> None:

@@ -90,7 +90,7 @@ class Draws:
     def to(self, device) -> "Draws":
         """On the device, copied once per micro-batch (from pinned memory, without waiting, on a GPU)."""
         def move(t: torch.Tensor) -> torch.Tensor:
-            if torch.device(device).type == "cuda":
+            if torch.device(device).type == "cuda" and torch.cuda.is_available():
                 return t.pin_memory().to(device, non_blocking=True)
             return t.to(device)
 
@@ -172,7 +172,8 @@ class DMDStep:
         """One step; its metrics as 0-dim tensors (read on the host only when logged)."""
         sc, metrics = self.sc, {}
         if step % sc.gen_every == 0:
-            metrics["loss_dmd"] = self._update(self.gen, self.opt_g, self.generator_loss, micro, metrics, "gen_grad_norm")
+            metrics["loss_dmd"] = self._update(self.gen, self.opt_g, self.generator_loss, micro, metrics,
+                                               "gen_grad_norm")
             update_ema(self.ema, self.gen, sc.ema if step >= sc.ema_start else 0.0)
         metrics["loss_critic"] = self._update(self.critic, self.opt_c, self.critic_loss, micro, metrics, None)
         return metrics
@@ -212,8 +213,9 @@ def run(cfg: TrainConfig, root: str | Path, accelerator=None) -> None:
     teacher = teacher_path(cfg, root)
     dev = r.device
     real_causal = sc.real_score == "causal-teacher"
-    load = lambda path, frozen: stage_dits(r, cfg.parallel, path, sc.attention, frozen,  # noqa: E731
-                                           checkpointing=sc.checkpointing)
+    def load(path: Path, frozen: tuple[bool, ...]) -> list:
+        return stage_dits(r, cfg.parallel, path, sc.attention, frozen, checkpointing=sc.checkpointing)
+
     gen, ema = load(require(root, "ode-init") if sc.init == "ode-init" else teacher, (False, True))
     (critic,) = load(teacher, (False,))
     (real,) = load(require(root, "causal-teacher") if real_causal else teacher, (True,))
