@@ -85,15 +85,18 @@ def stage_dits(r, parallel, path: Path, attention: str = "sdpa", frozen: tuple[b
     if not r.shards(parallel):
         first = stage_dit(path, attention, frozen[0], checkpointing).to(r.device)
         return [first] + [_copy_dit(first, f, checkpointing) for f in frozen[1:]]
-    # the main process's host copy, dropped once every shard is sent
-    whole = load_dit(path, attention=attention, dtype=torch.float32) if r.is_main else None
-    config = [whole.config if whole is not None else None]
-    dist.broadcast_object_list(config, src=0)
+    # the main process's host copy in the file's dtype, dropped once every shard is sent
+    whole = load_dit(path, attention=attention) if r.is_main else None
+    info = [(whole.config, next(whole.parameters()).dtype) if whole is not None else None]
+    dist.broadcast_object_list(info, src=0)
+    config, file_dtype = info[0]
     state = whole.state_dict() if whole is not None else None
     models = []
     for f in frozen:
         with torch.device("meta"):
-            m = WanDiT(config[0], attention=attention)
+            m = WanDiT(config, attention=attention)
+        if f:  # frozen: the file's dtype, as unsharded; trained: float32 (stage_dit says why)
+            m.to(file_dtype)
         m = _frozen_or_trained(m, f, checkpointing)
         r.shard(m, parallel)
         m.to_empty(device=r.device)
