@@ -23,6 +23,8 @@ class Host:
     def __init__(self, models: Path, output: Path, device: torch.device,
                  move: Optional[Callable[[torch.nn.Module], None]] = None):
         self.models, self.output, self.device, self.move = models, output, device, move
+        for folder in (models, output):
+            folder.mkdir(parents=True, exist_ok=True)
         self.input = output.parent / "input"
         self.updates: list = []
         self.loads: list = []  # (module class names, memory_required, force_full_load)

@@ -199,8 +199,6 @@ def pack(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("host")
     host = Host(base / "models", base / "output", torch.device("cpu"))
-    host.models.mkdir()
-    host.output.mkdir()
     with stubbed_pack(host) as module:
         yield module, host
 

@@ -25,8 +25,6 @@ B = "a blue square moving up on a gray background"
 def pack(tmp_path_factory):
     base = tmp_path_factory.mktemp("host")
     host = Host(base / "diffusion_models", base / "output", torch.device("cpu"))
-    host.models.mkdir()
-    host.output.mkdir()
     torch.manual_seed(0)
     save_dit(tiny_model(), host.models / "tiny_student.safetensors")
     save_vae(random_vae("wan-tiny"), host.models / "vae.safetensors")
