@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from causvid_core.fakedevice import MemoryTracker, build_on_meta
+from causvid_core.fakedevice import FakeDevice, MemoryTracker, build_on_meta
 from causvid_core.flow import FlowGrid
 from causvid_core.memory import GIB, flash_attention
 from causvid_core.model import WanDiT
@@ -42,20 +42,20 @@ class _Rank:
         return shard(model, parallel, self.world, self.device, self.mesh)
 
 
-def _local_bytes(model) -> int:
-    """Bytes of a model's weights and buffers on this process: its shard of each sharded one."""
-    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in model.state_dict(keep_vars=True).values()]
+def _local_bytes(tensors) -> int:
+    """Bytes the tensors take on this process: its shard of each sharded one."""
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _materialise(model, device: str) -> None:
-    """A meta-built model's weights as (fake) tensors on the device: FSDP's sharded ones by to_empty, an
-    unsharded model's by assignment (to_empty cannot swap a plain module's meta parameters for fake ones)."""
+def _materialise(model, fd: FakeDevice) -> None:
+    """A meta-built model's weights as fake tensors on the fake device: FSDP's sharded ones by to_empty, an
+    unsharded model's by FakeDevice.module (to_empty cannot swap a plain module's meta parameters for fake ones)."""
     if is_sharded(model):
-        model.to_empty(device=device)
-        return
-    model.load_state_dict({k: torch.empty(v.shape, dtype=v.dtype, device=device)
-                           for k, v in model.state_dict(keep_vars=True).items()}, assign=True)
+        model.to_empty(device=fd.device)
+    else:
+        training = model.training
+        fd.module(model).train(training)  # module() leaves it in eval mode
 
 
 def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (832, 480), frames: int = 81,
@@ -65,7 +65,6 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
     real_device: run the step for real there instead (one process, small sizes: what checks the fake
     accounting); attention: the DiT's kernel (the flash kernel's op by default, as CUDA runs it)."""
     import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from .stages.dmd import DMDStep, Draws, MicroBatch, optimizers
@@ -108,13 +107,14 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
         dev = real_device or "cpu"  # fake: the GPU of rank 0, every tensor of the step lives here
         models = dit(True), dit(True), dit(False), dit(False)  # generator, critic, real score, the generator's EMA
         rank = _Rank(gpus, dev) if fake or launched else None
-        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+        fd = FakeDevice(dev) if fake else None
+        mode = fd if fake else contextlib.nullcontext()
         with mode, MemoryTracker() as tr:
             gen, critic, real, ema = models
             if fake:  # sharded, then materialised as (fake) shards
                 for m in models:
                     rank.shard(m, cfg.parallel)
-                    _materialise(m, dev)
+                    _materialise(m, fd)
             else:
                 for m in models:
                     m.to(dev)
@@ -123,7 +123,7 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
                 tr.track(*models)
             opt_g, opt_c = optimizers(sc, gen, critic)
             # the shards' own bytes: materialising sharded meta weights leaves storages the tracker keeps seeing
-            weights = sum(_local_bytes(m) for m in (gen, critic, real, ema))
+            weights = sum(_local_bytes(m.state_dict(keep_vars=True).values()) for m in (gen, critic, real, ema))
             baseline = tr.current_bytes(dev)
             dmd = DMDStep(sc, cfg.student.chunk_frames, steps, grid, gen, critic, real, ema, opt_g, opt_c,
                           compute_dtype(gen, cfg.parallel), sc.real_score == "causal-teacher")
@@ -142,10 +142,7 @@ def bench_dmd_memory(cfg: TrainConfig, gpus: int = 8, size: tuple[int, int] = (8
             # counted above the baseline, on top of the weights
             peak = weights + max(peak_first, tr.peak_bytes(dev)) - baseline
             after_first = weights + after_first - baseline
-            optimizer = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
-                            t.numel() * t.element_size()
-                            for opt in (opt_g, opt_c) for st in opt.state.values() for t in st.values()
-                            if isinstance(t, torch.Tensor))
+            optimizer = _local_bytes(t for opt in (opt_g, opt_c) for st in opt.state.values() for t in st.values())
     finally:
         if fake:
             dist.destroy_process_group()
